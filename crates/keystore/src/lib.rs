@@ -1,0 +1,257 @@
+//! The devid keystore: one trait for "a P-256 signing key that cannot leave its home, plus
+//! sealing of a small secret", and the software backend.
+//!
+//! Backends:
+//! * `devid-keystore-tpm` (the only crate that links tss-esapi),
+//! * `devid-keystore-pkcs11` (the only crate that links cryptoki),
+//! * [`soft::SoftKeystore`] here, for boards without secure hardware, with its weaker promise
+//!   stated in [`Protection::Software`].
+//!
+//! Every backend signs ECDSA P-256 over SHA-256 and returns a fixed-size `r || s`
+//! [`Signature`]; [`Signature::to_der`] gives the DER form TLS and X.509 want.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+pub use devid_secmem::SecretBytes;
+pub use p256::ecdsa::{Signature, VerifyingKey};
+pub use p256::PublicKey;
+
+use p256::pkcs8::EncodePublicKey;
+use sha2::{Digest, Sha256};
+
+pub mod fsutil;
+pub mod soft;
+
+/// Which kind of home the device key has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A TPM 2.0, through tpm2-tss.
+    Tpm,
+    /// A PKCS#11 token or secure element.
+    Pkcs11,
+    /// Files in the state directory.
+    Soft,
+}
+
+impl BackendKind {
+    /// The name used on the command line and in the state file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Tpm => "tpm",
+            BackendKind::Pkcs11 => "pkcs11",
+            BackendKind::Soft => "soft",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a backend promises against the physical attacks of THREATS.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protection {
+    /// The private key and the sealing key live in a chip and cannot be copied out.
+    Hardware,
+    /// Keys are files on the same flash as the data they protect.
+    Software,
+}
+
+impl Protection {
+    /// One honest sentence for `devid status` and the docs.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Protection::Hardware => {
+                "hardware: the private key and the bundle key never leave the chip; a flash dump \
+                 or a copy of the state dir onto another device is useless"
+            }
+            Protection::Software => {
+                "software only: keys are files in the state dir; a flash dump or a copy of the \
+                 state dir yields the device identity and every sealed secret (THREATS.md T2, \
+                 T3, T7). Use a TPM or secure element where the device can be captured"
+            }
+        }
+    }
+}
+
+/// Errors from any keystore backend. Messages say what failed and what to do; they never
+/// carry a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeystoreError {
+    /// The chip or module could not be reached.
+    #[error("no {what} at {location}: {detail}")]
+    NoDevice {
+        /// "TPM" or "PKCS#11 token".
+        what: &'static str,
+        /// Where we looked (TCTI string, module path + token label).
+        location: String,
+        /// The library's own words.
+        detail: String,
+    },
+    /// The chip answering is not the one this vault was created on.
+    #[error(
+        "this vault was created on another {what}: {detail}. The state dir was copied from \
+         another device, or the {what} was replaced or cleared; re-initialise and re-enrol"
+    )]
+    OtherDevice {
+        /// "TPM" or "PKCS#11 token".
+        what: &'static str,
+        /// What did not match (names, serials), never a secret.
+        detail: String,
+    },
+    /// The sealed object is bound to PCR values that the platform no longer has.
+    #[error(
+        "PCR policy not satisfied: the sealed key is bound to PCRs {pcrs} and the platform's \
+         measurements changed (modified boot chain?)"
+    )]
+    PolicyNotSatisfied {
+        /// The PCR list, as given at init.
+        pcrs: String,
+    },
+    /// A stored key or sealed blob could not be parsed or does not belong to this backend.
+    #[error("invalid {what}: {detail}")]
+    InvalidBlob {
+        /// Which file or blob.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The backend refused or failed an operation.
+    #[error("{backend} {operation} failed: {detail}")]
+    Backend {
+        /// Backend name.
+        backend: &'static str,
+        /// The operation (sign, seal, unseal, create key...).
+        operation: &'static str,
+        /// The library's own words (never a secret).
+        detail: String,
+    },
+    /// The backend's configuration is incomplete or wrong.
+    #[error("keystore configuration: {0}")]
+    Config(String),
+    /// A file of the keystore could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl KeystoreError {
+    /// Shorthand for [`KeystoreError::Io`].
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        KeystoreError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+}
+
+/// A device keystore: an ECDSA P-256 key that signs in its home, and a sealing function for
+/// small secrets (the vault's data key).
+///
+/// Implementations serialise access to their hardware internally, so a keystore can be shared
+/// as `Arc<dyn Keystore>`. Calls block: from async code use `spawn_blocking`.
+pub trait Keystore: Send + Sync + fmt::Debug {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// What the backend protects against.
+    fn protection(&self) -> Protection;
+
+    /// A reference to the key: `tpm:PATH`, `pkcs11:URI`, `file:PATH`.
+    fn key_ref(&self) -> String;
+
+    /// The device's public key.
+    fn public_key(&self) -> PublicKey;
+
+    /// Sign a SHA-256 digest computed by the caller.
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Signature, KeystoreError>;
+
+    /// Sign `message` (ECDSA P-256, SHA-256).
+    fn sign(&self, message: &[u8]) -> Result<Signature, KeystoreError> {
+        let digest: [u8; 32] = Sha256::digest(message).into();
+        self.sign_digest(&digest)
+    }
+
+    /// Seal `secret` so that only this keystore can recover it. The returned blob is safe to
+    /// store on flash (except for the soft backend, see [`Protection::Software`]).
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, KeystoreError>;
+
+    /// Recover a secret sealed by [`Keystore::seal`] on this same keystore.
+    fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError>;
+}
+
+/// Build a [`Signature`] from big-endian `r` and `s` as TPMs and PKCS#11 tokens return them
+/// (possibly shorter than 32 bytes, possibly with a leading zero).
+pub fn signature_from_scalars(r: &[u8], s: &[u8]) -> Result<Signature, KeystoreError> {
+    fn pad(v: &[u8]) -> Result<[u8; 32], KeystoreError> {
+        let v = match v.iter().position(|b| *b != 0) {
+            Some(i) => &v[i..],
+            None => &[],
+        };
+        if v.len() > 32 {
+            return Err(KeystoreError::InvalidBlob {
+                what: "signature",
+                detail: format!("scalar of {} bytes for P-256", v.len()),
+            });
+        }
+        let mut out = [0u8; 32];
+        out[32 - v.len()..].copy_from_slice(v);
+        Ok(out)
+    }
+    let r = pad(r)?;
+    let s = pad(s)?;
+    Signature::from_scalars(r, s).map_err(|e| KeystoreError::InvalidBlob {
+        what: "signature",
+        detail: e.to_string(),
+    })
+}
+
+/// The SubjectPublicKeyInfo DER of a public key.
+pub fn spki_der(key: &PublicKey) -> Vec<u8> {
+    key.to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// The public key as a PEM `PUBLIC KEY` block.
+pub fn public_key_pem(key: &PublicKey) -> String {
+    key.to_public_key_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap_or_default()
+}
+
+/// Hex SHA-256 of the SubjectPublicKeyInfo DER: the key's fingerprint.
+pub fn fingerprint(key: &PublicKey) -> String {
+    hex::encode(Sha256::digest(spki_der(key)))
+}
+
+/// Verify a signature made by any backend.
+pub fn verify(key: &PublicKey, message: &[u8], sig: &Signature) -> bool {
+    use p256::ecdsa::signature::Verifier;
+    VerifyingKey::from(key).verify(message, sig).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalars_are_padded_and_trimmed() {
+        let sig = signature_from_scalars(&[0, 0, 1], &[2; 32]).expect("sig");
+        let bytes = sig.to_bytes();
+        assert_eq!(bytes[31], 1);
+        assert!(bytes[..31].iter().all(|b| *b == 0));
+        assert!(signature_from_scalars(&[1; 33], &[1; 32]).is_err());
+        assert!(signature_from_scalars(&[0; 32], &[1; 32]).is_err());
+    }
+}
