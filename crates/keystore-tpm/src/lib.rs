@@ -1,1 +1,744 @@
-//! placeholder
+//! devid keystore backend for TPM 2.0. This is the only crate of devid that links tss-esapi.
+//!
+//! What it guarantees (THREATS.md T2, T3, T5, T6, T8):
+//! * The device key is an ECC P-256 child of the storage primary (SRK), created *inside* the
+//!   TPM with fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | sign. Only its
+//!   TPM-encrypted blobs leave the chip, in a "TSS2 PRIVATE KEY" PEM file that tpm2-tools and
+//!   the tpm2-openssl provider also read.
+//! * Small secrets (the vault's data key) are sealed in a keyedhash object under the SRK,
+//!   optionally bound to a PCR policy.
+//! * Every command runs in an HMAC (or policy) session **salted** with the SRK and with
+//!   AES-128-CFB parameter encryption in both directions, so a probe on the bus sees the
+//!   sealed secret only as ciphertext. The unsalted `execute_with_nullauth_session` is never
+//!   used for anything that carries a secret.
+//! * Salting cannot protect the CreatePrimary that makes the salt key, so the SRK's Name is
+//!   recorded at init and compared on every open: another TPM, a cleared TPM or an interposer
+//!   that answers with a different key is refused ([`KeystoreError::OtherDevice`]).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use devid_keystore::{
+    fsutil::write_atomic_private, BackendKind, Keystore, KeystoreError, Protection, PublicKey,
+    SecretBytes, Signature,
+};
+use sha2::{Digest as _, Sha256};
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyedHashScheme, PcrSelectionList,
+    PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
+    PublicKeyedHashParameters, SensitiveData, SignatureScheme, SymmetricDefinition,
+    SymmetricDefinitionObject,
+};
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::{Context, TctiNameConf};
+
+pub mod keyfile;
+
+use keyfile::{make_tpm2b, take_tpm2b, TpmKeyFile, PARENT_OWNER};
+
+/// File name of the device key inside the state dir.
+pub const KEY_FILE: &str = "tpm-device-key.pem";
+/// The persistent SRK handle used when the platform provisioned one.
+pub const SRK_PERSISTENT_HANDLE: u32 = 0x8100_0001;
+
+const SEAL_MAGIC: &[u8; 8] = b"DEVIDTS1";
+const WHAT: &str = "TPM";
+
+/// What `devid init` records about the TPM and reads back on every start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TpmConfig {
+    /// TCTI string, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+    /// Persistent SRK handle, when the platform provides one; otherwise the primary is
+    /// re-created from the standard ECC P-256 template on every start.
+    #[serde(default)]
+    pub srk_handle: Option<u32>,
+    /// Hex TPM Name of the SRK, pinned at init (the TPM-swap and clone check).
+    pub srk_name: String,
+    /// PCRs (SHA-256 bank) the sealed data key is bound to; empty for none.
+    #[serde(default)]
+    pub pcrs: Vec<u8>,
+    /// The key file, relative to the state dir.
+    pub key_file: String,
+}
+
+/// Options for [`TpmKeystore::create`].
+#[derive(Debug, Clone, Default)]
+pub struct TpmInitOptions {
+    /// TCTI string.
+    pub tcti: String,
+    /// PCRs (SHA-256 bank) to bind sealing to.
+    pub pcrs: Vec<u8>,
+}
+
+/// Parse a PCR list such as `7` or `0,2,4,7` or `16`.
+pub fn parse_pcr_list(s: &str) -> Result<Vec<u8>, KeystoreError> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let n: u8 = part
+            .parse()
+            .map_err(|_| KeystoreError::Config(format!("PCR '{part}' is not a number 0-23")))?;
+        if n > 23 {
+            return Err(KeystoreError::Config(format!(
+                "PCR {n} does not exist (0-23)"
+            )));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    if out.len() > 8 {
+        return Err(KeystoreError::Config("at most 8 PCRs can be bound".into()));
+    }
+    Ok(out)
+}
+
+fn pcr_list_string(pcrs: &[u8]) -> String {
+    pcrs.iter()
+        .map(u8::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A device key in a TPM 2.0.
+pub struct TpmKeystore {
+    inner: Mutex<Inner>,
+    config: TpmConfig,
+    key_path: PathBuf,
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for TpmKeystore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmKeystore")
+            .field("tcti", &self.config.tcti)
+            .field("key", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    ctx: Context,
+    srk: KeyHandle,
+    session: AuthSession,
+    device_key: Option<KeyHandle>,
+    key_file: TpmKeyFile,
+    param_encryption: bool,
+}
+
+fn backend_err(operation: &'static str, e: impl std::fmt::Display) -> KeystoreError {
+    KeystoreError::Backend {
+        backend: "TPM",
+        operation,
+        detail: e.to_string(),
+    }
+}
+
+fn tss(operation: &'static str) -> impl Fn(tss_esapi::Error) -> KeystoreError {
+    move |e| backend_err(operation, e)
+}
+
+/// The standard ECC P-256 storage key template (TCG "SRK template", as made by
+/// `tpm2_createprimary -G ecc256:aes128cfb`).
+fn srk_template() -> Result<Public, KeystoreError> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .build()
+        .map_err(tss("build SRK template"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(tss("build SRK template"))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tss("build SRK template"))
+}
+
+fn device_key_template() -> Result<Public, KeystoreError> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .with_decrypt(false)
+        .with_restricted(false)
+        .build()
+        .map_err(tss("build key template"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(tss("build key template"))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tss("build key template"))
+}
+
+fn sealed_template(policy: Option<Digest>) -> Result<Public, KeystoreError> {
+    let mut attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_no_da(true);
+    attrs = if policy.is_some() {
+        attrs.with_user_with_auth(false).with_admin_with_policy(true)
+    } else {
+        attrs.with_user_with_auth(true)
+    };
+    let attrs = attrs.build().map_err(tss("build sealed object template"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::KeyedHash)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_auth_policy(policy.unwrap_or_default())
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+        .with_keyed_hash_unique_identifier(Default::default())
+        .build()
+        .map_err(tss("build sealed object template"))
+}
+
+fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList, KeystoreError> {
+    let slots = pcrs
+        .iter()
+        .map(|n| {
+            PcrSlot::try_from(1u32 << n)
+                .map_err(|e| KeystoreError::Config(format!("PCR {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(|e| KeystoreError::Config(format!("PCR selection: {e}")))
+}
+
+/// The TPM Name of a public area: nameAlg (SHA-256 = 0x000B) || SHA-256(TPMT_PUBLIC).
+pub fn public_name(public: &Public) -> Result<Vec<u8>, KeystoreError> {
+    let bytes = public.marshall().map_err(tss("marshal public area"))?;
+    let mut name = vec![0x00, 0x0b];
+    name.extend_from_slice(&Sha256::digest(&bytes));
+    Ok(name)
+}
+
+fn ecc_public_key(public: &Public) -> Result<PublicKey, KeystoreError> {
+    match public {
+        Public::Ecc { unique, .. } => {
+            let mut sec1 = vec![0x04];
+            let x = unique.x().value();
+            let y = unique.y().value();
+            if x.len() > 32 || y.len() > 32 {
+                return Err(KeystoreError::InvalidBlob {
+                    what: "TPM public key",
+                    detail: "coordinate longer than 32 bytes".into(),
+                });
+            }
+            sec1.extend(std::iter::repeat_n(0, 32 - x.len()));
+            sec1.extend_from_slice(x);
+            sec1.extend(std::iter::repeat_n(0, 32 - y.len()));
+            sec1.extend_from_slice(y);
+            PublicKey::from_sec1_bytes(&sec1).map_err(|e| KeystoreError::InvalidBlob {
+                what: "TPM public key",
+                detail: e.to_string(),
+            })
+        }
+        _ => Err(KeystoreError::InvalidBlob {
+            what: "TPM public key",
+            detail: "not an ECC key".into(),
+        }),
+    }
+}
+
+fn connect(tcti: &str) -> Result<Context, KeystoreError> {
+    let no_tpm = |detail: String| KeystoreError::NoDevice {
+        what: WHAT,
+        location: tcti.to_string(),
+        detail,
+    };
+    let conf = TctiNameConf::from_str(tcti)
+        .map_err(|e| no_tpm(format!("invalid TCTI string ({e}); examples: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321")))?;
+    Context::new(conf).map_err(|e| no_tpm(format!("{e}; is the TPM present and readable (tss group)?")))
+}
+
+/// Get the SRK: the persistent one if asked for, else create the primary from the template.
+fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, KeystoreError> {
+    match handle {
+        Some(h) => {
+            let ph = PersistentTpmHandle::new(h).map_err(tss("persistent SRK handle"))?;
+            let obj = ctx
+                .tr_from_tpm_public(TpmHandle::Persistent(ph))
+                .map_err(tss("read persistent SRK"))?;
+            Ok(KeyHandle::from(obj))
+        }
+        None => {
+            // CreatePrimary carries no secret (empty auth, empty sensitive data): a password
+            // session for the owner hierarchy is enough. Its result is checked against the
+            // pinned Name before anything secret is sent.
+            let result = ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
+                        .map_err(tss("create storage primary key"))
+                })?;
+            Ok(result.key_handle)
+        }
+    }
+}
+
+fn persistent_srk_present(ctx: &mut Context) -> bool {
+    let Ok(ph) = PersistentTpmHandle::new(SRK_PERSISTENT_HANDLE) else {
+        return false;
+    };
+    match ctx.tr_from_tpm_public(TpmHandle::Persistent(ph)) {
+        Ok(mut obj) => {
+            let _ = ctx.tr_close(&mut obj);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn srk_name(ctx: &mut Context, srk: KeyHandle) -> Result<Vec<u8>, KeystoreError> {
+    let name = ctx
+        .tr_get_name(ObjectHandle::from(srk))
+        .map_err(tss("read SRK name"))?;
+    Ok(name.value().to_vec())
+}
+
+/// Start an HMAC or policy session salted with the SRK, AES-128-CFB parameter encryption in
+/// both directions (unless a test switched encryption off to prove the bus test can fail).
+fn start_salted_session(
+    ctx: &mut Context,
+    srk: KeyHandle,
+    kind: SessionType,
+    param_encryption: bool,
+) -> Result<AuthSession, KeystoreError> {
+    let session = ctx
+        .start_auth_session(
+            Some(srk),
+            None,
+            None,
+            kind,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
+        .map_err(tss("start salted session"))?
+        .ok_or_else(|| backend_err("start salted session", "TPM returned no session"))?;
+    let (attrs, mask) = SessionAttributesBuilder::new()
+        .with_continue_session(true)
+        .with_decrypt(param_encryption)
+        .with_encrypt(param_encryption)
+        .build();
+    ctx.tr_sess_set_attributes(session, attrs, mask)
+        .map_err(tss("set session attributes"))?;
+    Ok(session)
+}
+
+impl Inner {
+    fn connect(
+        config: &TpmConfig,
+        tcti: &str,
+        key_file: TpmKeyFile,
+    ) -> Result<Inner, KeystoreError> {
+        let mut ctx = connect(tcti)?;
+        let srk = load_srk(&mut ctx, config.srk_handle)?;
+        let name = hex::encode(srk_name(&mut ctx, srk)?);
+        if name != config.srk_name {
+            return Err(KeystoreError::OtherDevice {
+                what: WHAT,
+                detail: format!(
+                    "its storage key Name is {}, the vault was created with {}",
+                    short(&name),
+                    short(&config.srk_name)
+                ),
+            });
+        }
+        let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
+        Ok(Inner {
+            ctx,
+            srk,
+            session,
+            device_key: None,
+            key_file,
+            param_encryption: true,
+        })
+    }
+
+    fn device_key(&mut self) -> Result<KeyHandle, KeystoreError> {
+        if let Some(k) = self.device_key {
+            return Ok(k);
+        }
+        let (pub_body, _) = take_tpm2b(&self.key_file.public)?;
+        let (priv_body, _) = take_tpm2b(&self.key_file.private)?;
+        let public = Public::unmarshall(pub_body).map_err(tss("parse key public area"))?;
+        let private = Private::try_from(priv_body.to_vec()).map_err(tss("parse key private blob"))?;
+        let srk = self.srk;
+        let handle = self
+            .ctx
+            .execute_with_session(Some(self.session), |ctx| ctx.load(srk, private, public))
+            .map_err(|e| load_error("load device key", e))?;
+        self.device_key = Some(handle);
+        Ok(handle)
+    }
+}
+
+fn load_error(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
+    if let tss_esapi::Error::Tss2Error(rc) = e {
+        if matches!(rc.kind(), Some(Tss2ResponseCodeKind::Integrity)) {
+            return KeystoreError::OtherDevice {
+                what: WHAT,
+                detail: "the key blob does not load under this TPM's storage key".into(),
+            };
+        }
+    }
+    backend_err(operation, e)
+}
+
+fn short(hex_name: &str) -> String {
+    hex_name.chars().take(16).collect::<String>() + "…"
+}
+
+impl TpmKeystore {
+    /// Create the device key inside the TPM and write its key file into `state_dir`.
+    /// Returns the keystore and the configuration to record.
+    pub fn create(
+        state_dir: &Path,
+        opts: &TpmInitOptions,
+    ) -> Result<(TpmKeystore, TpmConfig), KeystoreError> {
+        let key_path = state_dir.join(KEY_FILE);
+        if key_path.exists() {
+            return Err(KeystoreError::Config(format!(
+                "{} already exists; refusing to overwrite a device key",
+                key_path.display()
+            )));
+        }
+        let mut ctx = connect(&opts.tcti)?;
+        let srk_handle = persistent_srk_present(&mut ctx).then_some(SRK_PERSISTENT_HANDLE);
+        let srk = load_srk(&mut ctx, srk_handle)?;
+        let name = hex::encode(srk_name(&mut ctx, srk)?);
+        let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
+        let created = ctx
+            .execute_with_session(Some(session), |ctx| {
+                ctx.create(srk, device_key_template()?, None, None, None, None)
+                    .map_err(tss("create device key"))
+            })?;
+        let public_bytes = created
+            .out_public
+            .marshall()
+            .map_err(tss("marshal key public area"))?;
+        let key_file = TpmKeyFile {
+            parent: srk_handle.unwrap_or(PARENT_OWNER),
+            public: make_tpm2b(&public_bytes)?,
+            private: make_tpm2b(created.out_private.value())?,
+        };
+        let public = ecc_public_key(&created.out_public)?;
+        write_atomic_private(&key_path, key_file.to_pem()?.as_bytes())
+            .map_err(|e| KeystoreError::io(&key_path, e))?;
+        let config = TpmConfig {
+            tcti: opts.tcti.clone(),
+            srk_handle,
+            srk_name: name,
+            pcrs: opts.pcrs.clone(),
+            key_file: KEY_FILE.into(),
+        };
+        let inner = Inner {
+            ctx,
+            srk,
+            session,
+            device_key: None,
+            key_file,
+            param_encryption: true,
+        };
+        Ok((
+            TpmKeystore {
+                inner: Mutex::new(inner),
+                config: config.clone(),
+                key_path,
+                public,
+            },
+            config,
+        ))
+    }
+
+    /// Open the keystore recorded in `config`. `tcti_override` (from `--tcti`/`DEVID_TCTI`)
+    /// replaces the recorded TCTI string. Refuses a TPM whose SRK Name differs from the one
+    /// pinned at init.
+    pub fn open(
+        state_dir: &Path,
+        config: &TpmConfig,
+        tcti_override: Option<&str>,
+    ) -> Result<TpmKeystore, KeystoreError> {
+        let key_path = state_dir.join(&config.key_file);
+        let pem = std::fs::read_to_string(&key_path).map_err(|e| KeystoreError::io(&key_path, e))?;
+        let key_file = TpmKeyFile::from_pem(&pem)?;
+        let (pub_body, _) = take_tpm2b(&key_file.public)?;
+        let public = Public::unmarshall(pub_body).map_err(tss("parse key public area"))?;
+        let public = ecc_public_key(&public)?;
+        let tcti = tcti_override.unwrap_or(&config.tcti);
+        let mut config = config.clone();
+        config.tcti = tcti.to_string();
+        let inner = Inner::connect(&config, tcti, key_file)?;
+        Ok(TpmKeystore {
+            inner: Mutex::new(inner),
+            config,
+            key_path,
+            public,
+        })
+    }
+
+    /// The configuration in force (TCTI, pinned SRK Name, PCRs).
+    pub fn config(&self) -> &TpmConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, KeystoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| backend_err("lock", "a previous TPM operation panicked"))
+    }
+
+    fn policy_digest(inner: &mut Inner, pcrs: &[u8]) -> Result<Digest, KeystoreError> {
+        let selection = pcr_selection(pcrs)?;
+        let (_, read_sel, digests) = inner
+            .ctx
+            .execute_without_session(|ctx| ctx.pcr_read(selection.clone()))
+            .map_err(tss("read PCRs"))?;
+        if read_sel != selection {
+            return Err(KeystoreError::Config(
+                "the TPM has no SHA-256 bank for the requested PCRs".into(),
+            ));
+        }
+        let mut h = Sha256::new();
+        for d in digests.value() {
+            h.update(d.value());
+        }
+        let pcr_digest = Digest::try_from(h.finalize().to_vec()).map_err(tss("PCR digest"))?;
+        let trial = inner
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Trial,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(tss("start trial session"))?
+            .ok_or_else(|| backend_err("start trial session", "TPM returned no session"))?;
+        let policy = PolicySession::try_from(trial).map_err(tss("trial session"))?;
+        let result = inner
+            .ctx
+            .execute_without_session(|ctx| {
+                ctx.policy_pcr(policy, pcr_digest, selection)?;
+                ctx.policy_get_digest(policy)
+            })
+            .map_err(tss("compute PCR policy"));
+        let _ = inner
+            .ctx
+            .flush_context(ObjectHandle::from(SessionHandle::from(trial)));
+        result
+    }
+}
+
+impl Keystore for TpmKeystore {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Tpm
+    }
+
+    fn protection(&self) -> Protection {
+        Protection::Hardware
+    }
+
+    fn key_ref(&self) -> String {
+        format!("tpm:{}", self.key_path.display())
+    }
+
+    fn public_key(&self) -> PublicKey {
+        self.public
+    }
+
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Signature, KeystoreError> {
+        let mut inner = self.lock()?;
+        let key = inner.device_key()?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(tss("digest"))?;
+        let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(tss("hashcheck ticket"))?;
+        let session = inner.session;
+        let sig = inner
+            .ctx
+            .execute_with_session(Some(session), |ctx| {
+                ctx.sign(
+                    key,
+                    digest,
+                    SignatureScheme::EcDsa {
+                        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                    },
+                    validation,
+                )
+            })
+            .map_err(tss("sign"))?;
+        match sig {
+            tss_esapi::structures::Signature::EcDsa(ecc) => devid_keystore::signature_from_scalars(
+                ecc.signature_r().value(),
+                ecc.signature_s().value(),
+            ),
+            _ => Err(backend_err("sign", "TPM returned a non-ECDSA signature")),
+        }
+    }
+
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        let mut inner = self.lock()?;
+        let pcrs = self.config.pcrs.clone();
+        let policy = if pcrs.is_empty() {
+            None
+        } else {
+            Some(Self::policy_digest(&mut inner, &pcrs)?)
+        };
+        let data = SensitiveData::try_from(secret.to_vec()).map_err(tss("secret too large to seal"))?;
+        let srk = inner.srk;
+        let session = inner.session;
+        let created = inner
+            .ctx
+            .execute_with_session(Some(session), |ctx| {
+                ctx.create(srk, sealed_template(policy)?, None, Some(data), None, None)
+                    .map_err(tss("seal"))
+            })?;
+        let public = created.out_public.marshall().map_err(tss("marshal sealed object"))?;
+        let mut out = Vec::new();
+        out.extend_from_slice(SEAL_MAGIC);
+        out.push(u8::try_from(pcrs.len()).map_err(|_| KeystoreError::Config("too many PCRs".into()))?);
+        out.extend_from_slice(&pcrs);
+        out.extend_from_slice(&make_tpm2b(&public)?);
+        out.extend_from_slice(&make_tpm2b(created.out_private.value())?);
+        Ok(out)
+    }
+
+    fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError> {
+        let invalid = |detail: &str| KeystoreError::InvalidBlob {
+            what: "sealed data key",
+            detail: detail.into(),
+        };
+        let rest = blob
+            .strip_prefix(SEAL_MAGIC.as_slice())
+            .ok_or_else(|| invalid("not sealed by the TPM backend"))?;
+        let (&npcr, rest) = rest.split_first().ok_or_else(|| invalid("truncated"))?;
+        if rest.len() < npcr as usize {
+            return Err(invalid("truncated PCR list"));
+        }
+        let (pcrs, rest) = rest.split_at(npcr as usize);
+        let (pub_body, rest) = take_tpm2b(rest)?;
+        let (priv_body, _) = take_tpm2b(rest)?;
+        let public = Public::unmarshall(pub_body).map_err(tss("parse sealed object"))?;
+        let private = Private::try_from(priv_body.to_vec()).map_err(tss("parse sealed object"))?;
+
+        let mut inner = self.lock()?;
+        let srk = inner.srk;
+        let session = inner.session;
+        let obj = inner
+            .ctx
+            .execute_with_session(Some(session), |ctx| ctx.load(srk, private, public))
+            .map_err(|e| load_error("load sealed object", e))?;
+        let result = if pcrs.is_empty() {
+            inner
+                .ctx
+                .execute_with_session(Some(session), |ctx| ctx.unseal(obj.into()))
+                .map_err(tss("unseal"))
+        } else {
+            let selection = pcr_selection(pcrs)?;
+            let param_encryption = inner.param_encryption;
+            let psession =
+                start_salted_session(&mut inner.ctx, srk, SessionType::Policy, param_encryption)?;
+            let policy = PolicySession::try_from(psession).map_err(tss("policy session"))?;
+            let r = inner
+                .ctx
+                .execute_without_session(|ctx| {
+                    ctx.policy_pcr(policy, Digest::default(), selection)
+                })
+                .and_then(|_| {
+                    inner
+                        .ctx
+                        .execute_with_session(Some(psession), |ctx| ctx.unseal(obj.into()))
+                })
+                .map_err(|e| match e {
+                    tss_esapi::Error::Tss2Error(rc)
+                        if matches!(
+                            rc.kind(),
+                            Some(Tss2ResponseCodeKind::PolicyFail)
+                                | Some(Tss2ResponseCodeKind::PcrChanged)
+                                | Some(Tss2ResponseCodeKind::Value)
+                        ) =>
+                    {
+                        KeystoreError::PolicyNotSatisfied {
+                            pcrs: pcr_list_string(pcrs),
+                        }
+                    }
+                    e => backend_err("unseal", e),
+                });
+            let _ = inner
+                .ctx
+                .flush_context(ObjectHandle::from(SessionHandle::from(psession)));
+            r
+        };
+        let _ = inner.ctx.flush_context(obj.into());
+        let data = result?;
+        Ok(SecretBytes::from_slice(data.value()))
+    }
+}
+
+/// Hooks that weaken the backend, for tests that must show the attack they defend against.
+#[cfg(feature = "danger-test-hooks")]
+pub mod danger {
+    use super::*;
+
+    /// Turn parameter encryption off for every later command of this keystore (its
+    /// sessions stay salted). Only for the T5 bus-capture test, to prove that it can fail.
+    pub fn disable_parameter_encryption(ks: &TpmKeystore) -> Result<(), KeystoreError> {
+        let mut inner = ks.lock()?;
+        inner.param_encryption = false;
+        let session = inner.session;
+        let (attrs, mask) = SessionAttributesBuilder::new()
+            .with_continue_session(true)
+            .with_decrypt(false)
+            .with_encrypt(false)
+            .build();
+        inner
+            .ctx
+            .tr_sess_set_attributes(session, attrs, mask)
+            .map_err(tss("set session attributes"))
+    }
+}
