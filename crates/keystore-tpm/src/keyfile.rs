@@ -148,6 +148,9 @@ mod tests {
         assert_eq!(body, &[1, 2, 3]);
         assert!(rest.is_empty());
         assert!(take_tpm2b(&[0, 5, 1]).is_err());
-        assert!(TpmKeyFile::from_pem("-----BEGIN TSS2 PRIVATE KEY-----\nAAAA\n-----END TSS2 PRIVATE KEY-----\n").is_err());
+        assert!(TpmKeyFile::from_pem(
+            "-----BEGIN TSS2 PRIVATE KEY-----\nAAAA\n-----END TSS2 PRIVATE KEY-----\n"
+        )
+        .is_err());
     }
 }

@@ -107,10 +107,7 @@ pub fn parse_pcr_list(s: &str) -> Result<Vec<u8>, KeystoreError> {
 }
 
 fn pcr_list_string(pcrs: &[u8]) -> String {
-    pcrs.iter()
-        .map(u8::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// A device key in a TPM 2.0.
@@ -215,7 +212,9 @@ fn sealed_template(policy: Option<Digest>) -> Result<Public, KeystoreError> {
         .with_fixed_parent(true)
         .with_no_da(true);
     attrs = if policy.is_some() {
-        attrs.with_user_with_auth(false).with_admin_with_policy(true)
+        attrs
+            .with_user_with_auth(false)
+            .with_admin_with_policy(true)
     } else {
         attrs.with_user_with_auth(true)
     };
@@ -235,8 +234,7 @@ fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList, KeystoreError> {
     let slots = pcrs
         .iter()
         .map(|n| {
-            PcrSlot::try_from(1u32 << n)
-                .map_err(|e| KeystoreError::Config(format!("PCR {n}: {e}")))
+            PcrSlot::try_from(1u32 << n).map_err(|e| KeystoreError::Config(format!("PCR {n}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     PcrSelectionListBuilder::new()
@@ -289,7 +287,8 @@ fn connect(tcti: &str) -> Result<Context, KeystoreError> {
     };
     let conf = TctiNameConf::from_str(tcti)
         .map_err(|e| no_tpm(format!("invalid TCTI string ({e}); examples: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321")))?;
-    Context::new(conf).map_err(|e| no_tpm(format!("{e}; is the TPM present and readable (tss group)?")))
+    Context::new(conf)
+        .map_err(|e| no_tpm(format!("{e}; is the TPM present and readable (tss group)?")))
 }
 
 /// Get the SRK: the persistent one if asked for, else create the primary from the template.
@@ -306,11 +305,10 @@ fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, Keystor
             // CreatePrimary carries no secret (empty auth, empty sensitive data): a password
             // session for the owner hierarchy is enough. Its result is checked against the
             // pinned Name before anything secret is sent.
-            let result = ctx
-                .execute_with_session(Some(AuthSession::Password), |ctx| {
-                    ctx.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
-                        .map_err(tss("create storage primary key"))
-                })?;
+            let result = ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
+                    .map_err(tss("create storage primary key"))
+            })?;
             Ok(result.key_handle)
         }
     }
@@ -402,7 +400,8 @@ impl Inner {
         let (pub_body, _) = take_tpm2b(&self.key_file.public)?;
         let (priv_body, _) = take_tpm2b(&self.key_file.private)?;
         let public = Public::unmarshall(pub_body).map_err(tss("parse key public area"))?;
-        let private = Private::try_from(priv_body.to_vec()).map_err(tss("parse key private blob"))?;
+        let private =
+            Private::try_from(priv_body.to_vec()).map_err(tss("parse key private blob"))?;
         let srk = self.srk;
         let handle = self
             .ctx
@@ -448,11 +447,10 @@ impl TpmKeystore {
         let srk = load_srk(&mut ctx, srk_handle)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
         let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
-        let created = ctx
-            .execute_with_session(Some(session), |ctx| {
-                ctx.create(srk, device_key_template()?, None, None, None, None)
-                    .map_err(tss("create device key"))
-            })?;
+        let created = ctx.execute_with_session(Some(session), |ctx| {
+            ctx.create(srk, device_key_template()?, None, None, None, None)
+                .map_err(tss("create device key"))
+        })?;
         let public_bytes = created
             .out_public
             .marshall()
@@ -500,7 +498,8 @@ impl TpmKeystore {
         tcti_override: Option<&str>,
     ) -> Result<TpmKeystore, KeystoreError> {
         let key_path = state_dir.join(&config.key_file);
-        let pem = std::fs::read_to_string(&key_path).map_err(|e| KeystoreError::io(&key_path, e))?;
+        let pem =
+            std::fs::read_to_string(&key_path).map_err(|e| KeystoreError::io(&key_path, e))?;
         let key_file = TpmKeyFile::from_pem(&pem)?;
         let (pub_body, _) = take_tpm2b(&key_file.public)?;
         let public = Public::unmarshall(pub_body).map_err(tss("parse key public area"))?;
@@ -629,19 +628,23 @@ impl Keystore for TpmKeystore {
         } else {
             Some(Self::policy_digest(&mut inner, &pcrs)?)
         };
-        let data = SensitiveData::try_from(secret.to_vec()).map_err(tss("secret too large to seal"))?;
+        let data =
+            SensitiveData::try_from(secret.to_vec()).map_err(tss("secret too large to seal"))?;
         let srk = inner.srk;
         let session = inner.session;
-        let created = inner
-            .ctx
-            .execute_with_session(Some(session), |ctx| {
-                ctx.create(srk, sealed_template(policy)?, None, Some(data), None, None)
-                    .map_err(tss("seal"))
-            })?;
-        let public = created.out_public.marshall().map_err(tss("marshal sealed object"))?;
+        let created = inner.ctx.execute_with_session(Some(session), |ctx| {
+            ctx.create(srk, sealed_template(policy)?, None, Some(data), None, None)
+                .map_err(tss("seal"))
+        })?;
+        let public = created
+            .out_public
+            .marshall()
+            .map_err(tss("marshal sealed object"))?;
         let mut out = Vec::new();
         out.extend_from_slice(SEAL_MAGIC);
-        out.push(u8::try_from(pcrs.len()).map_err(|_| KeystoreError::Config("too many PCRs".into()))?);
+        out.push(
+            u8::try_from(pcrs.len()).map_err(|_| KeystoreError::Config("too many PCRs".into()))?,
+        );
         out.extend_from_slice(&pcrs);
         out.extend_from_slice(&make_tpm2b(&public)?);
         out.extend_from_slice(&make_tpm2b(created.out_private.value())?);
@@ -686,9 +689,7 @@ impl Keystore for TpmKeystore {
             let policy = PolicySession::try_from(psession).map_err(tss("policy session"))?;
             let r = inner
                 .ctx
-                .execute_without_session(|ctx| {
-                    ctx.policy_pcr(policy, Digest::default(), selection)
-                })
+                .execute_without_session(|ctx| ctx.policy_pcr(policy, Digest::default(), selection))
                 .and_then(|_| {
                     inner
                         .ctx

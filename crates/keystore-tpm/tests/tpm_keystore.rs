@@ -1,6 +1,8 @@
 //! The TPM backend against a real swtpm: round trip, bus capture (T5), TPM swap/clone (T3/T6),
 //! PCR policy (T8), interop with tpm2-openssl.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 use devid_keystore::{verify, Keystore, KeystoreError};
@@ -9,9 +11,23 @@ use devid_testkit::proxy::RecordingProxy;
 use devid_testkit::swtpm::Swtpm;
 use devid_testkit::{contains, count};
 
-fn create(tpm_tcti: String, pcrs: Vec<u8>) -> (tempfile::TempDir, TpmKeystore, devid_keystore_tpm::TpmConfig) {
+fn create(
+    tpm_tcti: String,
+    pcrs: Vec<u8>,
+) -> (
+    tempfile::TempDir,
+    TpmKeystore,
+    devid_keystore_tpm::TpmConfig,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (ks, cfg) = TpmKeystore::create(dir.path(), &TpmInitOptions { tcti: tpm_tcti, pcrs }).unwrap();
+    let (ks, cfg) = TpmKeystore::create(
+        dir.path(),
+        &TpmInitOptions {
+            tcti: tpm_tcti,
+            pcrs,
+        },
+    )
+    .unwrap();
     (dir, ks, cfg)
 }
 
@@ -50,7 +66,11 @@ fn bus_capture_shows_only_ciphertext_unless_encryption_is_off() {
     assert_eq!(back.expose(), secret);
     let capture = proxy.capture();
     assert!(capture.len() > 200, "the proxy saw the traffic");
-    assert_eq!(count(&capture, secret), 0, "secret crossed the bus in clear");
+    assert_eq!(
+        count(&capture, secret),
+        0,
+        "secret crossed the bus in clear"
+    );
 
     // Commands per sign: the first loads the key, later ones are a single TPM2_Sign.
     proxy.clear();
@@ -135,8 +155,14 @@ fn pcr_policy_refuses_after_extend() {
 
     let ks = TpmKeystore::open(dir.path(), &cfg, None).unwrap();
     let err = ks.unseal(&blob).unwrap_err();
-    assert!(matches!(err, KeystoreError::PolicyNotSatisfied { .. }), "{err}");
-    assert!(err.to_string().contains("PCR policy not satisfied"), "{err}");
+    assert!(
+        matches!(err, KeystoreError::PolicyNotSatisfied { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("PCR policy not satisfied"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -151,7 +177,14 @@ fn tpm2_openssl_signs_with_our_key_file() {
     std::fs::write(&data, b"interop message").unwrap();
     let out = Command::new("openssl")
         .env("TPM2OPENSSL_TCTI", tpm.tcti())
-        .args(["dgst", "-sha256", "-provider", "tpm2", "-provider", "default"])
+        .args([
+            "dgst",
+            "-sha256",
+            "-provider",
+            "tpm2",
+            "-provider",
+            "default",
+        ])
         .args(["-propquery", "?provider=tpm2", "-sign"])
         .arg(&key)
         .arg("-out")

@@ -140,7 +140,10 @@ mod tests {
     fn create_sign_verify_seal_unseal() {
         let d = tempfile::tempdir().expect("tempdir");
         let ks = SoftKeystore::create(d.path()).expect("create");
-        assert!(SoftKeystore::create(d.path()).is_err(), "must not overwrite");
+        assert!(
+            SoftKeystore::create(d.path()).is_err(),
+            "must not overwrite"
+        );
         let ks2 = SoftKeystore::open(d.path()).expect("open");
         assert_eq!(ks.public_key(), ks2.public_key());
         let sig = ks2.sign(b"hello").expect("sign");

@@ -35,8 +35,7 @@ impl RecordingProxy {
                         break;
                     }
                     let Ok(client) = conn else { continue };
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port + offset))
-                    else {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port + offset)) else {
                         continue;
                     };
                     let _ = client.set_nodelay(true);
@@ -83,9 +82,11 @@ impl RecordingProxy {
         let mut codes = Vec::new();
         let mut i = 0;
         while i + 10 <= stream.len() {
-            let size = u32::from_be_bytes([stream[i + 2], stream[i + 3], stream[i + 4], stream[i + 5]])
-                as usize;
-            let cc = u32::from_be_bytes([stream[i + 6], stream[i + 7], stream[i + 8], stream[i + 9]]);
+            let size =
+                u32::from_be_bytes([stream[i + 2], stream[i + 3], stream[i + 4], stream[i + 5]])
+                    as usize;
+            let cc =
+                u32::from_be_bytes([stream[i + 6], stream[i + 7], stream[i + 8], stream[i + 9]]);
             codes.push(cc);
             if size < 10 {
                 break;

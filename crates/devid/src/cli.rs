@@ -1,0 +1,162 @@
+//! The command line of `devid`. Names follow ../shared/DESIGN.md; users and tests rely on them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// devid: a hardware-rooted identity and sealed credentials for this device.
+#[derive(Debug, Parser)]
+#[command(name = "devid", version, about, propagate_version = true)]
+#[command(
+    after_help = "Example:\n  devid init --backend tpm --tcti swtpm:host=127.0.0.1,port=2321\n  echo -n s3cret | devid secret put wifi-psk\n  devid status"
+)]
+pub struct Cli {
+    /// State directory holding the key file and the sealed bundle.
+    #[arg(
+        long,
+        global = true,
+        env = "DEVID_STATE_DIR",
+        default_value = "/var/lib/devid"
+    )]
+    pub state_dir: PathBuf,
+
+    /// TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321. Given at run time
+    /// it overrides the one recorded at init.
+    #[arg(long, global = true, env = "DEVID_TCTI")]
+    pub tcti: Option<String>,
+
+    /// More logging (-v info, -vv debug). Logs never contain secrets.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the device key in its keystore and an empty sealed bundle.
+    #[command(
+        after_help = "Examples:\n  devid init --backend tpm --tcti device:/dev/tpmrm0 --pcrs 7\n  devid init --backend pkcs11 --module /usr/lib/softhsm/libsofthsm2.so --token devid --pin-file /etc/devid/pin\n  devid init --backend soft"
+    )]
+    Init(InitArgs),
+    /// Show backend, key fingerprint, identity, server and protection level (never a secret).
+    #[command(after_help = "Example:\n  devid status --json")]
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the device public key (PEM).
+    #[command(after_help = "Example:\n  devid pubkey > device.pub.pem")]
+    Pubkey,
+    /// Sign standard input with the device key (ECDSA P-256, SHA-256); DER signature on stdout.
+    #[command(
+        after_help = "Example:\n  devid sign < message > message.sig\n  openssl dgst -sha256 -verify device.pub.pem -signature message.sig message"
+    )]
+    Sign {
+        /// Print the signature as base64 instead of raw DER.
+        #[arg(long)]
+        base64: bool,
+    },
+    /// Named secrets sealed in the bundle.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Settings sealed in the bundle (server endpoint, CA pin).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Key backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// TPM 2.0 (tpm2-tss).
+    Tpm,
+    /// PKCS#11 token or secure element.
+    Pkcs11,
+    /// Files in the state dir: no hardware protection (see `devid status`).
+    Soft,
+}
+
+/// `devid init` options.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where the device key is created.
+    #[arg(long, value_enum)]
+    pub backend: Backend,
+    /// TPM: bind the bundle key to these PCRs (SHA-256 bank), e.g. `7` or `0,2,4,7`.
+    #[arg(long, value_name = "LIST")]
+    pub pcrs: Option<String>,
+    /// PKCS#11: the module (shared library) path.
+    #[arg(long, value_name = "PATH")]
+    pub module: Option<PathBuf>,
+    /// PKCS#11: token label.
+    #[arg(long, value_name = "LABEL")]
+    pub token: Option<String>,
+    /// PKCS#11: file holding the user PIN.
+    #[arg(long, value_name = "PATH")]
+    pub pin_file: Option<PathBuf>,
+}
+
+/// `devid secret ...`
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store a secret; the value is read from standard input.
+    #[command(after_help = "Example:\n  printf %s \"$PSK\" | devid secret put wifi-psk")]
+    Put {
+        /// Name: letters, digits, '.', '_', '-' (1-64).
+        name: String,
+    },
+    /// Write a secret's value to standard output.
+    #[command(after_help = "Example:\n  devid secret get wifi-psk")]
+    Get {
+        /// Name of the secret.
+        name: String,
+    },
+    /// List secret names (never values).
+    #[command(after_help = "Example:\n  devid secret list --json")]
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    #[command(after_help = "Example:\n  devid secret rm wifi-psk")]
+    Rm {
+        /// Name of the secret.
+        name: String,
+    },
+}
+
+/// `devid config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Set a sealed setting: `server URL` or `ca-pin SHA256` (enrolment fills both).
+    #[command(
+        after_help = "Examples:\n  devid config set server https://devid.example.net:8443\n  devid config set ca-pin 3f0c...e1 (64 hex digits: SHA-256 of the CA certificate DER)"
+    )]
+    Set {
+        /// Setting name.
+        key: ConfigKey,
+        /// New value.
+        value: String,
+    },
+    /// Print the sealed settings (not secrets).
+    #[command(after_help = "Example:\n  devid config show --json")]
+    Show {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Settings that `devid config set` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConfigKey {
+    /// Server enrolment/API endpoint, https://HOST:PORT.
+    Server,
+    /// Hex SHA-256 of the server CA certificate (DER).
+    CaPin,
+}

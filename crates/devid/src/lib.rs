@@ -1,0 +1,397 @@
+//! The device side of devid: the logic behind the `devid` command.
+//!
+//! `devid init` creates the device key in its keystore ([`devid_keystore`] and its TPM and
+//! PKCS#11 backends) and an empty sealed bundle ([`devid_vault`]); every other command opens
+//! the keystore recorded in [`state::StateFile`], unseals the bundle's data key with it, and
+//! works on the decrypted contents held in locked, zeroized memory.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use devid_keystore::{fingerprint, public_key_pem, BackendKind, Keystore, SecretBytes};
+use devid_vault::{Contents, Vault};
+use serde_json::json;
+
+pub mod cli;
+pub mod logging;
+pub mod state;
+
+use cli::{Backend, Cli, Command, ConfigCommand, ConfigKey, InitArgs, SecretCommand};
+use state::StateFile;
+
+/// Largest secret `devid secret put` accepts.
+pub const MAX_SECRET_LEN: usize = 64 * 1024;
+
+/// Run one command.
+pub fn run(cli: Cli) -> Result<()> {
+    let dir = cli.state_dir.as_path();
+    let tcti = cli.tcti.as_deref();
+    match cli.command {
+        Command::Init(args) => init(dir, tcti, &args),
+        Command::Status { json } => status(dir, tcti, json),
+        Command::Pubkey => {
+            let (_, ks) = open_keystore(dir, tcti)?;
+            print!("{}", public_key_pem(&ks.public_key()));
+            Ok(())
+        }
+        Command::Sign { base64 } => sign(dir, tcti, base64),
+        Command::Secret(cmd) => secret(dir, tcti, cmd),
+        Command::Config(cmd) => config(dir, tcti, cmd),
+    }
+}
+
+/// Open the keystore recorded in the state dir.
+pub fn open_keystore(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Arc<dyn Keystore>)> {
+    let state = StateFile::require(dir)?;
+    let ks = state.open_keystore(dir, tcti)?;
+    Ok((state, ks))
+}
+
+/// Open the keystore and the vault.
+pub fn open_vault(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Vault)> {
+    let (state, ks) = open_keystore(dir, tcti)?;
+    let vault = Vault::open(dir, ks)?;
+    Ok((state, vault))
+}
+
+fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
+    if let Some(existing) = StateFile::read(dir)? {
+        // Opening proves whether this state belongs to this device: a copied state dir gets
+        // the keystore's "created on another TPM/token" error, not a generic one.
+        existing.open_keystore(dir, tcti)?;
+        bail!(
+            "{} already holds a devid vault ({} backend); remove the directory to start over \
+             (the device must then be enrolled again)",
+            dir.display(),
+            existing.backend
+        );
+    }
+    devid_keystore::fsutil::ensure_private_dir(dir)
+        .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+
+    let (state, ks) = create_keystore(dir, tcti, args)?;
+    if let Err(e) = Vault::create(dir, ks.clone()) {
+        cleanup_failed_init(dir);
+        return Err(e.into());
+    }
+    if let Err(e) = state.write(dir) {
+        cleanup_failed_init(dir);
+        return Err(e);
+    }
+    println!(
+        "initialised a {} vault in {}\nkey: {}\npublic key fingerprint (SHA-256 of SPKI): {}\nprotection: {}",
+        state.backend,
+        dir.display(),
+        ks.key_ref(),
+        fingerprint(&ks.public_key()),
+        ks.protection().summary()
+    );
+    Ok(())
+}
+
+fn cleanup_failed_init(dir: &Path) {
+    for f in [
+        devid_vault::BUNDLE_FILE,
+        devid_vault::DATA_KEY_FILE,
+        devid_keystore_tpm::KEY_FILE,
+        devid_keystore::soft::KEY_FILE,
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+fn create_keystore(
+    dir: &Path,
+    tcti: Option<&str>,
+    args: &InitArgs,
+) -> Result<(StateFile, Arc<dyn Keystore>)> {
+    match args.backend {
+        Backend::Tpm => {
+            let tcti = tcti
+                .map(str::to_string)
+                .unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
+            let pcrs = match &args.pcrs {
+                Some(list) => devid_keystore_tpm::parse_pcr_list(list)?,
+                None => Vec::new(),
+            };
+            let (ks, cfg) = devid_keystore_tpm::TpmKeystore::create(
+                dir,
+                &devid_keystore_tpm::TpmInitOptions { tcti, pcrs },
+            )?;
+            let mut state = StateFile::new(BackendKind::Tpm);
+            state.tpm = Some(cfg);
+            Ok((state, Arc::new(ks)))
+        }
+        Backend::Pkcs11 => {
+            let module = args.module.as_deref().context(
+                "--backend pkcs11 needs --module PATH (e.g. /usr/lib/softhsm/libsofthsm2.so)",
+            )?;
+            let token = args
+                .token
+                .as_deref()
+                .context("--backend pkcs11 needs --token LABEL")?;
+            let pin_file = args
+                .pin_file
+                .as_deref()
+                .context("--backend pkcs11 needs --pin-file PATH")?;
+            let (ks, cfg) = devid_keystore_pkcs11::Pkcs11Keystore::create(module, token, pin_file)?;
+            let mut state = StateFile::new(BackendKind::Pkcs11);
+            state.pkcs11 = Some(cfg);
+            Ok((state, Arc::new(ks)))
+        }
+        Backend::Soft => {
+            let ks = devid_keystore::soft::SoftKeystore::create(dir)?;
+            Ok((StateFile::new(BackendKind::Soft), Arc::new(ks)))
+        }
+    }
+}
+
+fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
+    let (state, vault) = open_vault(dir, tcti)?;
+    let contents = vault.load()?;
+    let ks = vault.keystore();
+    let hygiene = devid_secmem::hygiene();
+    let cert = contents
+        .cert_chain_pem
+        .as_deref()
+        .and_then(certificate_summary);
+    let backend_detail = match state.backend {
+        BackendKind::Tpm => state.tpm.as_ref().map(|t| {
+            json!({"tcti": tcti.unwrap_or(&t.tcti), "srk_name": t.srk_name, "pcrs": t.pcrs})
+        }),
+        BackendKind::Pkcs11 => state.pkcs11.as_ref().map(|p| {
+            json!({"module": p.module, "token_label": p.token_label, "token_serial": p.token_serial})
+        }),
+        BackendKind::Soft => None,
+    };
+    let v = json!({
+        "state_dir": dir,
+        "backend": state.backend,
+        "backend_detail": backend_detail,
+        "key_ref": ks.key_ref(),
+        "key_algorithm": "ECDSA P-256 with SHA-256",
+        "public_key_fingerprint": fingerprint(&ks.public_key()),
+        "protection": ks.protection(),
+        "protection_summary": ks.protection().summary(),
+        "device_id": contents.device_id,
+        "server_url": contents.server_url,
+        "mqtt_url": contents.mqtt_url,
+        "ca_pin": contents.ca_pin,
+        "certificate": cert,
+        "secret_count": contents.secrets.len(),
+        "process": {"dumpable": hygiene.dumpable, "core_limit": hygiene.core_limit},
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "(not set)".into());
+    println!("state dir:    {}", dir.display());
+    println!("backend:      {}", state.backend);
+    println!("key:          {} (ECDSA P-256)", ks.key_ref());
+    println!("fingerprint:  {}", fingerprint(&ks.public_key()));
+    println!("protection:   {}", ks.protection().summary());
+    println!("device id:    {}", show(&contents.device_id));
+    println!("server:       {}", show(&contents.server_url));
+    println!("mqtt:         {}", show(&contents.mqtt_url));
+    println!("ca pin:       {}", show(&contents.ca_pin));
+    match &v["certificate"] {
+        serde_json::Value::Null => println!("certificate:  (not enrolled)"),
+        c => println!(
+            "certificate:  serial {}, expires {}",
+            c["serial"].as_str().unwrap_or("?"),
+            c["not_after"].as_str().unwrap_or("?")
+        ),
+    }
+    println!("secrets:      {}", contents.secrets.len());
+    println!(
+        "process:      dumpable={} core_limit={}",
+        hygiene.dumpable, hygiene.core_limit
+    );
+    Ok(())
+}
+
+/// Serial and validity of the first certificate of a PEM chain.
+pub fn certificate_summary(chain_pem: &str) -> Option<serde_json::Value> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let not_after = cert.validity().not_after;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Some(json!({
+        "serial": cert.raw_serial_as_string(),
+        "subject": cert.subject().to_string(),
+        "not_before": cert.validity().not_before.to_rfc2822().unwrap_or_default(),
+        "not_after": not_after.to_rfc2822().unwrap_or_default(),
+        "not_after_unix": not_after.timestamp(),
+        "expires_in_seconds": not_after.timestamp() - now,
+    }))
+}
+
+fn sign(dir: &Path, tcti: Option<&str>, base64: bool) -> Result<()> {
+    let (_, ks) = open_keystore(dir, tcti)?;
+    let mut msg = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut msg)
+        .context("cannot read the message from standard input")?;
+    let sig = ks.sign(&msg)?;
+    let der = sig.to_der();
+    let mut out = std::io::stdout().lock();
+    if base64 {
+        use base64::Engine;
+        writeln!(
+            out,
+            "{}",
+            base64::engine::general_purpose::STANDARD.encode(der.as_bytes())
+        )?;
+    } else {
+        out.write_all(der.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Read at most [`MAX_SECRET_LEN`] bytes of standard input into locked memory.
+fn read_secret_stdin() -> Result<SecretBytes> {
+    let mut buf = SecretBytes::zeroed(MAX_SECRET_LEN + 1);
+    let mut len = 0;
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = stdin
+            .read(&mut buf.expose_mut()[len..])
+            .context("cannot read the secret from standard input")?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if len > MAX_SECRET_LEN {
+            bail!("secret longer than {MAX_SECRET_LEN} bytes; store a file key instead");
+        }
+    }
+    Ok(SecretBytes::from_slice(&buf.expose()[..len]))
+}
+
+fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
+    match cmd {
+        SecretCommand::Put { name } => {
+            devid_vault::validate_secret_name(&name)?;
+            // Read the value before touching the chip, so a slow writer does not hold the TPM.
+            let value = read_secret_stdin()?;
+            let (_, vault) = open_vault(dir, tcti)?;
+            let mut contents = vault.load()?;
+            contents.secrets.insert(name, value);
+            vault.store(&contents)?;
+            Ok(())
+        }
+        SecretCommand::Get { name } => {
+            let (_, vault) = open_vault(dir, tcti)?;
+            let contents = vault.load()?;
+            let value = contents
+                .secrets
+                .get(&name)
+                .with_context(|| format!("no secret named '{name}' (see `devid secret list`)"))?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(value.expose())?;
+            out.flush()?;
+            Ok(())
+        }
+        SecretCommand::List { json } => {
+            let (_, vault) = open_vault(dir, tcti)?;
+            let contents = vault.load()?;
+            let names: Vec<&String> = contents.secrets.keys().collect();
+            if json {
+                println!("{}", serde_json::to_string(&names)?);
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+            Ok(())
+        }
+        SecretCommand::Rm { name } => {
+            let (_, vault) = open_vault(dir, tcti)?;
+            let mut contents = vault.load()?;
+            if contents.secrets.remove(&name).is_none() {
+                bail!("no secret named '{name}' (see `devid secret list`)");
+            }
+            vault.store(&contents)?;
+            Ok(())
+        }
+    }
+}
+
+/// Validate a server URL for `config set server`.
+pub fn validate_server_url(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("https://")
+        .context("the server URL must start with https:// (e.g. https://devid.example.net:8443)")?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        bail!("the server URL needs a host, e.g. https://devid.example.net:8443");
+    }
+    Ok(())
+}
+
+/// Validate and normalise a CA pin (64 hex digits, optional `sha256:` prefix and colons).
+pub fn normalise_pin(pin: &str) -> Result<String> {
+    let p = pin.trim();
+    let p = p.strip_prefix("sha256:").unwrap_or(p).replace(':', "");
+    let p = p.to_ascii_lowercase();
+    if p.len() != 64 || !p.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("a CA pin is 64 hex digits: the SHA-256 of the CA certificate (DER), as printed by `devid-server init`");
+    }
+    Ok(p)
+}
+
+fn config(dir: &Path, tcti: Option<&str>, cmd: ConfigCommand) -> Result<()> {
+    match cmd {
+        ConfigCommand::Set { key, value } => {
+            let (_, vault) = open_vault(dir, tcti)?;
+            let mut contents: Contents = vault.load()?;
+            match key {
+                ConfigKey::Server => {
+                    validate_server_url(&value)?;
+                    contents.server_url = Some(value);
+                }
+                ConfigKey::CaPin => contents.ca_pin = Some(normalise_pin(&value)?),
+            }
+            vault.store(&contents)?;
+            Ok(())
+        }
+        ConfigCommand::Show { json } => {
+            let (_, vault) = open_vault(dir, tcti)?;
+            let c = vault.load()?;
+            let v = json!({
+                "server": c.server_url, "mqtt": c.mqtt_url, "ca_pin": c.ca_pin,
+                "device_id": c.device_id,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k}: {}", val.as_str().unwrap_or("(not set)"));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_normalised() {
+        let hex64 = "AB".repeat(32);
+        assert_eq!(normalise_pin(&hex64).expect("pin"), "ab".repeat(32));
+        assert!(normalise_pin("abc").is_err());
+        assert!(normalise_pin(&"zz".repeat(32)).is_err());
+        assert!(validate_server_url("http://x").is_err());
+        assert!(validate_server_url("https://x:8443").is_ok());
+    }
+}

@@ -1,0 +1,200 @@
+//! `devid` on a real swtpm: round trip, flash dump (T2), clone/swap (T3/T6), tamper (T4),
+//! bus capture of the whole CLI flow (T5), PCR policy (T8), process hygiene (T7).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_not_in_dump, Devid};
+use devid_testkit::proxy::RecordingProxy;
+use devid_testkit::swtpm::Swtpm;
+
+#[test]
+fn tpm_round_trip() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    let out = d.run(&["init", "--backend", "tpm"]).ok();
+    assert!(
+        out.text().contains("initialised a tpm vault"),
+        "{}",
+        out.text()
+    );
+    d.round_trip();
+    let status = d.run(&["status"]).ok().text();
+    assert!(status.contains("protection:   hardware"), "{status}");
+}
+
+#[test]
+fn tpm_flash_dump_yields_no_secret() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    d.run_stdin(&["secret", "put", "s"], b"FLASH-DUMP-SECRET-42")
+        .ok();
+    d.run(&["config", "set", "server", "https://flash.example:8443"])
+        .ok();
+
+    // The data key, recovered through the TPM the way only this device can.
+    let state = devid::state::StateFile::require(&d.state).unwrap();
+    let ks = state.open_keystore(&d.state, Some(&tpm.tcti())).unwrap();
+    let sealed = std::fs::read(d.state.join(devid_vault::DATA_KEY_FILE)).unwrap();
+    let data_key = ks.unseal(&sealed).unwrap();
+    assert_eq!(data_key.len(), 32);
+    let vault = devid_vault::Vault::open(&d.state, Arc::clone(&ks)).unwrap();
+    let contents = vault.load().unwrap();
+    assert_eq!(contents.secrets["s"].expose(), b"FLASH-DUMP-SECRET-42");
+    drop((vault, ks));
+
+    assert_not_in_dump(
+        &d.state,
+        &[b"FLASH-DUMP-SECRET-42", data_key.expose(), b"flash.example"],
+    );
+}
+
+#[test]
+fn state_copied_to_another_tpm_is_refused() {
+    let tpm_a = Swtpm::start();
+    let a = Devid::new().tcti(&tpm_a.tcti());
+    a.run(&["init", "--backend", "tpm"]).ok();
+    a.run_stdin(&["secret", "put", "s"], b"clone-secret").ok();
+
+    let tpm_b = Swtpm::start();
+    let copy = tempfile::tempdir().unwrap();
+    devid_testkit::copy_tree(&a.state, copy.path());
+    let b = Devid::at(copy.path()).tcti(&tpm_b.tcti());
+    for args in [
+        vec!["status"],
+        vec!["secret", "get", "s"],
+        vec!["pubkey"],
+        vec!["sign"],
+        vec!["init", "--backend", "tpm"],
+    ] {
+        let r = b.run(&args);
+        assert_ne!(r.code, 0, "{args:?} succeeded on another TPM");
+        assert!(
+            r.stderr.contains("this vault was created on another TPM"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stdout.windows(12).any(|w| w == b"clone-secret"));
+    }
+    // The original device is unaffected.
+    assert_eq!(a.run(&["secret", "get", "s"]).ok().stdout, b"clone-secret");
+}
+
+#[test]
+fn tampered_bundle_is_refused_and_nothing_used() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    d.run_stdin(&["secret", "put", "s"], b"tamper-secret").ok();
+    d.run(&["config", "set", "server", "https://good.example:8443"])
+        .ok();
+    let path = d.state.join(devid_vault::BUNDLE_FILE);
+    let original = std::fs::read(&path).unwrap();
+    let n = original.len();
+    // Header (magic, version, alg), nonce, ciphertext start/middle/end, tag.
+    for offset in [
+        0,
+        8,
+        10,
+        11,
+        15,
+        23,
+        24,
+        n / 2,
+        n - 17,
+        n - 16,
+        n - 8,
+        n - 1,
+    ] {
+        let mut bytes = original.clone();
+        bytes[offset] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        for args in [vec!["secret", "get", "s"], vec!["status", "--json"]] {
+            let r = d.run(&args);
+            assert_ne!(
+                r.code, 0,
+                "offset {offset}: {args:?} accepted a changed bundle"
+            );
+            assert!(
+                r.stdout.is_empty(),
+                "offset {offset}: something was printed"
+            );
+            assert!(
+                r.stderr.contains("bundle failed authentication")
+                    || r.stderr.contains("bundle format"),
+                "offset {offset}: {}",
+                r.stderr
+            );
+        }
+    }
+    std::fs::write(&path, &original[..n - 1]).unwrap();
+    assert_ne!(d.run(&["secret", "get", "s"]).code, 0);
+    std::fs::write(&path, &original).unwrap();
+    assert_eq!(d.run(&["secret", "get", "s"]).ok().stdout, b"tamper-secret");
+}
+
+#[test]
+fn cli_flow_through_a_bus_probe_shows_no_secret() {
+    let tpm = Swtpm::start();
+    let probe = RecordingProxy::start(tpm.port());
+    let d = Devid::new().tcti(&probe.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    d.run_stdin(&["secret", "put", "s"], b"BUS-PROBE-SECRET-99")
+        .ok();
+    assert_eq!(
+        d.run(&["secret", "get", "s"]).ok().stdout,
+        b"BUS-PROBE-SECRET-99"
+    );
+    let capture = probe.capture();
+    assert!(capture.len() > 1000, "the probe saw the traffic");
+
+    let state = devid::state::StateFile::require(&d.state).unwrap();
+    let ks = state.open_keystore(&d.state, Some(&tpm.tcti())).unwrap();
+    let sealed = std::fs::read(d.state.join(devid_vault::DATA_KEY_FILE)).unwrap();
+    let data_key = ks.unseal(&sealed).unwrap();
+    assert!(!devid_testkit::contains(&capture, b"BUS-PROBE-SECRET-99"));
+    assert!(
+        !devid_testkit::contains(&capture, data_key.expose()),
+        "data key on the bus"
+    );
+}
+
+#[test]
+fn pcr_bound_vault_refuses_after_extend() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm", "--pcrs", "16"]).ok();
+    d.run_stdin(&["secret", "put", "s"], b"pcr-secret").ok();
+    assert_eq!(d.run(&["secret", "get", "s"]).ok().stdout, b"pcr-secret");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_pcrextend",
+        &["16:sha256=1111111111111111111111111111111111111111111111111111111111111111"],
+    );
+    assert!(ok, "{err}");
+    let r = d.run(&["secret", "get", "s"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("PCR policy not satisfied"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+}
+
+#[test]
+fn no_tpm_is_a_clear_error() {
+    let port = devid_testkit::free_port_pair();
+    let d = Devid::new().tcti(&format!("swtpm:host=127.0.0.1,port={port}"));
+    let r = d.run(&["init", "--backend", "tpm"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no TPM at swtpm:"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("ERROR:tcti"),
+        "tpm2-tss noise leaked: {}",
+        r.stderr
+    );
+}
