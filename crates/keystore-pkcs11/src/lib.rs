@@ -360,7 +360,11 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn protection(&self) -> Protection {
-        Protection::Hardware
+        if self.is_software_token() {
+            Protection::SoftwareToken
+        } else {
+            Protection::Hardware
+        }
     }
 
     fn key_ref(&self) -> String {

@@ -38,7 +38,8 @@ fn create(label: &str) -> (Pkcs11Keystore, Pkcs11Config) {
 fn create_open_sign_seal_unseal() {
     let (ks, cfg) = create(LABEL);
     assert_eq!(ks.kind(), BackendKind::Pkcs11);
-    assert_eq!(ks.protection(), Protection::Hardware);
+    assert_eq!(ks.protection(), Protection::SoftwareToken, "SoftHSM reports itself as software");
+    assert!(ks.is_software_token());
     assert!(ks.is_software_token());
     assert_eq!(cfg.token_label, LABEL);
     assert_eq!(cfg.key_id.len(), 32, "16-byte CKA_ID in hex");

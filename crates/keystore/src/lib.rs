@@ -60,6 +60,10 @@ pub enum Protection {
     Hardware,
     /// Keys are files on the same flash as the data they protect.
     Software,
+    /// A software PKCS#11 token (SoftHSM): keys are files encrypted under the PIN, and the PIN
+    /// file is on the same flash. For development and tests.
+    #[serde(rename = "software-token")]
+    SoftwareToken,
 }
 
 impl Protection {
@@ -74,6 +78,11 @@ impl Protection {
                 "software only: keys are files in the state dir; a flash dump or a copy of the \
                  state dir yields the device identity and every sealed secret (THREATS.md T2, \
                  T3, T7). Use a TPM or secure element where the device can be captured"
+            }
+            Protection::SoftwareToken => {
+                "software PKCS#11 token: the key cannot be exported through PKCS#11, but the \
+                 token's files and the PIN file are on the same flash, so a full flash dump \
+                 yields them. For development and tests; use a real secure element in the field"
             }
         }
     }
