@@ -42,7 +42,10 @@ fn pkcs11_round_trip_and_flash_dump() {
         serde_json::from_slice(&d.run(&["status", "--json"]).ok().stdout).unwrap();
     // SoftHSM is honest about being a software token.
     assert_eq!(status["protection"], "software-token");
-    assert!(status["protection_summary"].as_str().unwrap().contains("PIN file"));
+    assert!(status["protection_summary"]
+        .as_str()
+        .unwrap()
+        .contains("PIN file"));
     assert!(status["key_ref"]
         .as_str()
         .unwrap()

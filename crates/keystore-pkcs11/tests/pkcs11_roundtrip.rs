@@ -38,7 +38,11 @@ fn create(label: &str) -> (Pkcs11Keystore, Pkcs11Config) {
 fn create_open_sign_seal_unseal() {
     let (ks, cfg) = create(LABEL);
     assert_eq!(ks.kind(), BackendKind::Pkcs11);
-    assert_eq!(ks.protection(), Protection::SoftwareToken, "SoftHSM reports itself as software");
+    assert_eq!(
+        ks.protection(),
+        Protection::SoftwareToken,
+        "SoftHSM reports itself as software"
+    );
     assert!(ks.is_software_token());
     assert!(ks.is_software_token());
     assert_eq!(cfg.token_label, LABEL);

@@ -570,6 +570,50 @@ impl TpmKeystore {
     }
 }
 
+/// A sealed data key as stored by [`TpmKeystore::seal`]: the PCR list it is bound to and the
+/// TPM2B_PUBLIC / TPM2B_PRIVATE blobs of the keyedhash object.
+#[derive(Debug)]
+pub struct SealedBlob {
+    /// PCRs (SHA-256 bank) of the policy; empty for none.
+    pub pcrs: Vec<u8>,
+    /// The sealed object's public area.
+    pub public: Public,
+    /// The sealed object's private blob (encrypted by the TPM's storage key).
+    pub private: Private,
+}
+
+/// Parse a sealed blob read from disk: `DEVIDTS1 | n | n PCR indices | TPM2B_PUBLIC |
+/// TPM2B_PRIVATE`. Never panics on any input (fuzzed).
+pub fn parse_sealed_blob(blob: &[u8]) -> Result<SealedBlob, KeystoreError> {
+    let invalid = |detail: &str| KeystoreError::InvalidBlob {
+        what: "sealed data key",
+        detail: detail.into(),
+    };
+    let rest = blob
+        .strip_prefix(SEAL_MAGIC.as_slice())
+        .ok_or_else(|| invalid("not sealed by the TPM backend"))?;
+    let (&npcr, rest) = rest.split_first().ok_or_else(|| invalid("truncated"))?;
+    if rest.len() < npcr as usize {
+        return Err(invalid("truncated PCR list"));
+    }
+    let (pcrs, rest) = rest.split_at(npcr as usize);
+    if pcrs.len() > 8 || pcrs.iter().any(|p| *p > 23) {
+        return Err(invalid("bad PCR list"));
+    }
+    let (pub_body, rest) = take_tpm2b(rest)?;
+    let (priv_body, rest) = take_tpm2b(rest)?;
+    if !rest.is_empty() {
+        return Err(invalid("trailing bytes"));
+    }
+    let public = Public::unmarshall(pub_body).map_err(tss("parse sealed object"))?;
+    let private = Private::try_from(priv_body.to_vec()).map_err(tss("parse sealed object"))?;
+    Ok(SealedBlob {
+        pcrs: pcrs.to_vec(),
+        public,
+        private,
+    })
+}
+
 impl Keystore for TpmKeystore {
     fn kind(&self) -> BackendKind {
         BackendKind::Tpm
@@ -652,22 +696,12 @@ impl Keystore for TpmKeystore {
     }
 
     fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError> {
-        let invalid = |detail: &str| KeystoreError::InvalidBlob {
-            what: "sealed data key",
-            detail: detail.into(),
-        };
-        let rest = blob
-            .strip_prefix(SEAL_MAGIC.as_slice())
-            .ok_or_else(|| invalid("not sealed by the TPM backend"))?;
-        let (&npcr, rest) = rest.split_first().ok_or_else(|| invalid("truncated"))?;
-        if rest.len() < npcr as usize {
-            return Err(invalid("truncated PCR list"));
-        }
-        let (pcrs, rest) = rest.split_at(npcr as usize);
-        let (pub_body, rest) = take_tpm2b(rest)?;
-        let (priv_body, _) = take_tpm2b(rest)?;
-        let public = Public::unmarshall(pub_body).map_err(tss("parse sealed object"))?;
-        let private = Private::try_from(priv_body.to_vec()).map_err(tss("parse sealed object"))?;
+        let SealedBlob {
+            pcrs,
+            public,
+            private,
+        } = parse_sealed_blob(blob)?;
+        let pcrs = pcrs.as_slice();
 
         let mut inner = self.lock()?;
         let srk = inner.srk;

@@ -202,3 +202,100 @@ fn tpm2_openssl_signs_with_our_key_file() {
     assert!(verify(&public, b"interop message", &sig));
     assert!(contains(&std::fs::read(&key).unwrap(), b"TSS2 PRIVATE KEY"));
 }
+
+#[test]
+fn persistent_srk_is_used_when_provisioned() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("srk.ctx");
+    let ctx_s = ctx.to_str().unwrap();
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "ecc256:aes128cfb", "-c", ctx_s],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", ctx_s, "0x81000001"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    assert!(ok, "{err}");
+    let name_file = work.path().join("srk.name");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_readpublic",
+        &["-c", "0x81000001", "-n", name_file.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let tools_name = hex::encode(std::fs::read(&name_file).unwrap());
+
+    let (dir, ks, cfg) = create(tpm.tcti(), vec![]);
+    assert_eq!(cfg.srk_handle, Some(0x8100_0001));
+    assert_eq!(
+        cfg.srk_name, tools_name,
+        "pinned Name is the persistent SRK's"
+    );
+    let blob = ks.seal(b"persistent").unwrap();
+    drop(ks);
+    let ks = TpmKeystore::open(dir.path(), &cfg, None).unwrap();
+    assert_eq!(ks.unseal(&blob).unwrap().expose(), b"persistent");
+    let pem = std::fs::read_to_string(dir.path().join("tpm-device-key.pem")).unwrap();
+    let key = devid_keystore_tpm::keyfile::TpmKeyFile::from_pem(&pem).unwrap();
+    assert_eq!(key.parent, 0x8100_0001);
+
+    // A TPM whose persistent SRK was replaced (evicted and re-made from another template)
+    // is refused before anything secret is sent.
+    drop(ks);
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "ecc256:aes256cfb", "-c", ctx_s],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", ctx_s, "0x81000001"]);
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    let err = TpmKeystore::open(dir.path(), &cfg, None).unwrap_err();
+    assert!(matches!(err, KeystoreError::OtherDevice { .. }), "{err}");
+}
+
+#[test]
+fn our_srk_template_matches_tpm2_tools() {
+    // The transient primary devid makes has the same Name as the TCG standard ECC SRK made by
+    // tpm2-tools (`-G ecc256:aes128cfb` with the provisioning-guidance attributes, noda
+    // included), so `tpm2_load` under that primary accepts our blobs.
+    let tpm = Swtpm::start();
+    let (_dir, ks, cfg) = create(tpm.tcti(), vec![]);
+    drop(ks);
+    assert_eq!(cfg.srk_handle, None);
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("srk.ctx");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-G",
+            "ecc256:aes128cfb",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+            "-c",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let name_file = work.path().join("srk.name");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_readpublic",
+        &[
+            "-c",
+            ctx.to_str().unwrap(),
+            "-n",
+            name_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    assert_eq!(
+        hex::encode(std::fs::read(&name_file).unwrap()),
+        cfg.srk_name
+    );
+}

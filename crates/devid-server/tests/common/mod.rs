@@ -1,0 +1,199 @@
+//! Start the real `devid-server` binary on a free loopback port with a fresh data dir.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use devid_proto::{AuditEntry, DeviceInfo};
+use sha2::{Digest, Sha256};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_devid-server");
+
+pub struct Server {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+    pub pin: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra_init: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let port = devid_testkit::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "init",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--hostname",
+            "localhost",
+            "--https-listen",
+            &listen,
+            "--mqtt-listen",
+            "127.0.0.1:18883",
+        ];
+        args.extend_from_slice(extra_init);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let ca_der = pem_to_der(&std::fs::read_to_string(dir.join("ca.pem")).unwrap());
+        let pin = hex::encode(Sha256::digest(&ca_der[0]));
+        assert!(stdout.contains(&pin), "init prints the CA pin: {stdout}");
+        let log = tmp.path().join("server.log");
+        let child = Command::new(BIN)
+            .args(["run", "--data-dir", dir.to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        assert!(
+            devid_testkit::wait_for_port(port, Duration::from_secs(20)),
+            "server did not listen: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Server {
+            url: format!("https://127.0.0.1:{port}"),
+            tmp,
+            dir,
+            port,
+            pin,
+            log,
+            child,
+        }
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+
+    /// Run an admin subcommand against this server; panics unless it succeeds.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_output(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn cli_output(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&["--data-dir", self.dir_str()]);
+        run(&all)
+    }
+
+    /// `token create ...`, returning the last line of stdout.
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        out.lines().last().unwrap().trim().to_owned()
+    }
+
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        serde_json::from_str(&self.cli(&["device", "list", "--json"])).unwrap()
+    }
+
+    pub fn audit(&self) -> Vec<AuditEntry> {
+        serde_json::from_str(&self.cli(&["audit", "--json"])).unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pem_to_der(pem: &str) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap().contents)
+        .collect()
+}
+
+/// Checks a returned chain: leaf signed by the CA in `ca_pem`, SAN `urn:devid:<id>`, CN id,
+/// and the leaf's public key equals `spki_der`. Returns the leaf serial (hex).
+pub fn check_chain(chain_pem: &str, ca_pem: &str, id: &str, spki_der: &[u8]) -> String {
+    use x509_parser::prelude::*;
+    let ders = crate::common::pem_to_der(chain_pem);
+    assert_eq!(ders.len(), 2, "leaf + CA");
+    let ca_der = &crate::common::pem_to_der(ca_pem)[0];
+    assert_eq!(&ders[1], ca_der, "second certificate is the fleet CA");
+    let (_, leaf) = parse_x509_certificate(&ders[0]).unwrap();
+    let (_, ca) = parse_x509_certificate(ca_der).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        spki_der,
+        "certificate carries the CSR's key"
+    );
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    let uris: Vec<_> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, vec![format!("urn:devid:{id}")]);
+    let cn = leaf
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(cn, id);
+    assert!(leaf.validity().is_valid());
+    let days =
+        (leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp()) / 86_400;
+    assert_eq!(days, 30, "default lifetime 30 days (+5 min backdating)");
+    hex::encode(leaf.raw_serial())
+}
+
+pub fn tool(program: &str, args: &[&str], cwd: &Path) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    out
+}

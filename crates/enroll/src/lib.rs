@@ -1,0 +1,476 @@
+//! Device-side enrolment: build a PKCS#10 request with a key that never leaves its keystore,
+//! and talk to the devid server over HTTPS trusting only the pinned fleet CA.
+//!
+//! * [`build_csr`] / [`build_csr_with_keystore`]: the CSR is signed by a callback (TPM,
+//!   PKCS#11 token or soft key); no private key is ever handed to this crate.
+//! * [`enroll`]: `POST /v1/enroll` with a one-time token. The server is trusted only if its
+//!   chain contains a certificate whose SHA-256(DER) equals the CA pin, and the server
+//!   certificate then verifies against that CA for the URL's host name.
+//! * [`renew`]: `POST /v1/renew` over mutual TLS, the TLS signature made by the keystore.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use devid_keystore::Keystore;
+use devid_proto::{
+    EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, ENROLL_PATH, RENEW_PATH,
+};
+use p256::pkcs8::DecodePublicKey;
+use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, PKCS_ECDSA_P256_SHA256};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureAlgorithm, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// Errors of enrolment and renewal. Messages never carry the token, a key or a CSR.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// The CA pin is not 64 hex characters.
+    #[error("invalid CA pin: expected 64 hex characters (SHA-256 of the CA certificate DER)")]
+    InvalidPin,
+    /// The server's certificate chain does not contain the pinned CA: wrong server, wrong pin,
+    /// or someone in the middle. Nothing was sent.
+    #[error(
+        "CA pin mismatch: the server at {url} presented no certificate with SHA-256 {expected}; \
+         check the pin printed by `devid-server init` (nothing was sent to this server)"
+    )]
+    PinMismatch {
+        /// The server URL.
+        url: String,
+        /// The pin we expected.
+        expected: String,
+    },
+    /// The URL is not `https://HOST[:PORT]`.
+    #[error("invalid server URL {0:?}: use https://HOST[:PORT]")]
+    InvalidUrl(String),
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The server could not be reached or the TLS handshake failed.
+    #[error("cannot reach the devid server at {url}: {detail}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The server refused.
+    #[error("server refused ({status} {code}): {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code, e.g. `token_used`.
+        code: String,
+        /// The server's sentence.
+        message: String,
+    },
+    /// The server's answer is not what the protocol says.
+    #[error("invalid answer from the server: {0}")]
+    InvalidResponse(String),
+    /// The public key given is not an ECDSA P-256 SubjectPublicKeyInfo.
+    #[error("invalid device public key: {0}")]
+    InvalidKey(String),
+    /// The keystore could not sign.
+    #[error("the keystore could not sign: {0}")]
+    Signer(String),
+    /// The CSR could not be built.
+    #[error("cannot build the CSR: {0}")]
+    Csr(String),
+    /// The client certificate does not belong to the keystore's key.
+    #[error("the device certificate does not belong to the keystore's key; re-enrol")]
+    CertKeyMismatch,
+}
+
+/// A signing callback: ECDSA P-256 over SHA-256 of the input, DER-encoded signature.
+pub type SignFn<'a> = &'a dyn Fn(&[u8]) -> Result<Vec<u8>, String>;
+
+struct RemoteKey<'a> {
+    point: Vec<u8>,
+    sign: SignFn<'a>,
+    error: std::cell::RefCell<Option<String>>,
+}
+
+impl PublicKeyData for RemoteKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for RemoteKey<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        (self.sign)(msg).map_err(|e| {
+            *self.error.borrow_mut() = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// Build a PEM CSR for the P-256 key whose SubjectPublicKeyInfo DER is `public_key_spki_der`,
+/// signed by `sign` (which returns a DER ECDSA signature over SHA-256 of its input). The
+/// subject CN is `device_id` when given; the server decides the certificate's contents.
+pub fn build_csr(
+    sign: SignFn<'_>,
+    public_key_spki_der: &[u8],
+    device_id: Option<&str>,
+) -> Result<String, EnrollError> {
+    let public = p256::PublicKey::from_public_key_der(public_key_spki_der)
+        .map_err(|e| EnrollError::InvalidKey(format!("not a P-256 SubjectPublicKeyInfo: {e}")))?;
+    let point = p256::EncodedPoint::from(public).as_bytes().to_vec();
+    let key = RemoteKey {
+        point,
+        sign,
+        error: std::cell::RefCell::new(None),
+    };
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, device_id.unwrap_or("devid-device"));
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| match key.error.take() {
+            Some(detail) => EnrollError::Signer(detail),
+            None => EnrollError::Csr(e.to_string()),
+        })?;
+    csr.pem().map_err(|e| EnrollError::Csr(e.to_string()))
+}
+
+/// [`build_csr`] with a devid keystore's key.
+pub fn build_csr_with_keystore(
+    keystore: &dyn Keystore,
+    device_id: Option<&str>,
+) -> Result<String, EnrollError> {
+    let spki = devid_keystore::spki_der(&keystore.public_key());
+    let sign = |m: &[u8]| -> Result<Vec<u8>, String> {
+        keystore
+            .sign(m)
+            .map(|s| s.to_der().as_bytes().to_vec())
+            .map_err(|e| e.to_string())
+    };
+    build_csr(&sign, &spki, device_id)
+}
+
+fn parse_pin(hex_pin: &str) -> Result<[u8; 32], EnrollError> {
+    let bytes = hex::decode(hex_pin.trim()).map_err(|_| EnrollError::InvalidPin)?;
+    bytes.try_into().map_err(|_| EnrollError::InvalidPin)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Trusts a server only when its chain holds the pinned CA and the leaf verifies against it.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+    mismatch: Arc<AtomicBool>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .chain(std::iter::once(end_entity))
+            .find(|c| <[u8; 32]>::from(Sha256::digest(c.as_ref())) == self.pin);
+        let Some(ca) = ca else {
+            self.mismatch.store(true, Ordering::SeqCst);
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Presents the device certificate; the handshake signature is made by the keystore.
+#[derive(Debug)]
+struct KeystoreClientCert {
+    certified: Arc<CertifiedKey>,
+}
+
+impl ResolvesClientCert for KeystoreClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        sigschemes
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| self.certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A rustls signing key backed by a devid keystore (TPM, PKCS#11 or soft).
+#[derive(Debug)]
+pub struct KeystoreSigningKey(pub Arc<dyn Keystore>);
+
+impl SigningKey for KeystoreSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        offered
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(KeystoreSigner(self.0.clone())) as Box<dyn Signer>)
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(devid_keystore::spki_der(
+            &self.0.public_key(),
+        )))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ECDSA
+    }
+}
+
+#[derive(Debug)]
+struct KeystoreSigner(Arc<dyn Keystore>);
+
+impl Signer for KeystoreSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0
+            .sign(message)
+            .map(|s| s.to_der().as_bytes().to_vec())
+            .map_err(|e| rustls::Error::General(format!("keystore signature: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256
+    }
+}
+
+struct Client {
+    agent: ureq::Agent,
+    mismatch: Arc<AtomicBool>,
+    base: String,
+    pin_hex: String,
+}
+
+fn client(
+    server_url: &str,
+    ca_pin_hex: &str,
+    client_cert: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<Client, EnrollError> {
+    let pin = parse_pin(ca_pin_hex)?;
+    let base = server_url.trim_end_matches('/');
+    let rest = base
+        .strip_prefix("https://")
+        .ok_or_else(|| EnrollError::InvalidUrl(server_url.to_owned()))?;
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(EnrollError::InvalidUrl(server_url.to_owned()));
+    }
+    let provider = provider();
+    let mismatch = Arc::new(AtomicBool::new(false));
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin,
+        provider: provider.clone(),
+        mismatch: mismatch.clone(),
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EnrollError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let tls = match client_cert {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    };
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(tls))
+        .timeout(Duration::from_secs(60))
+        .build();
+    Ok(Client {
+        agent,
+        mismatch,
+        base: base.to_owned(),
+        pin_hex: hex::encode(pin),
+    })
+}
+
+impl Client {
+    fn post(&self, path: &str, body: serde_json::Value) -> Result<EnrollResponse, EnrollError> {
+        let result = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .send_json(body);
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(status, resp)) => {
+                let body: Option<ErrorBody> = resp.into_json().ok();
+                return Err(EnrollError::Server {
+                    status,
+                    code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
+                    message: body.map(|b| b.error).unwrap_or_default(),
+                });
+            }
+            Err(ureq::Error::Transport(t)) => {
+                if self.mismatch.load(Ordering::SeqCst) {
+                    return Err(EnrollError::PinMismatch {
+                        url: self.base.clone(),
+                        expected: self.pin_hex.clone(),
+                    });
+                }
+                return Err(EnrollError::Transport {
+                    url: self.base.clone(),
+                    detail: t.to_string(),
+                });
+            }
+        };
+        let out: EnrollResponse = resp
+            .into_json()
+            .map_err(|e| EnrollError::InvalidResponse(e.to_string()))?;
+        if !out.ca_pin.eq_ignore_ascii_case(&self.pin_hex) {
+            return Err(EnrollError::InvalidResponse(
+                "the server names another CA pin than the one this device trusts".into(),
+            ));
+        }
+        let certs = CertificateDer::pem_slice_iter(out.certificate_chain.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EnrollError::InvalidResponse(format!("certificate_chain: {e}")))?;
+        if certs.is_empty() {
+            return Err(EnrollError::InvalidResponse(
+                "certificate_chain holds no certificate".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Enrol: send `csr_pem` and the one-time `token` to `server_url` (`https://HOST:PORT`),
+/// trusting the server only through the CA whose certificate hashes to `ca_pin_hex`.
+pub fn enroll(
+    server_url: &str,
+    token: &str,
+    ca_pin_hex: &str,
+    csr_pem: &str,
+    device_id: Option<&str>,
+) -> Result<EnrollResponse, EnrollError> {
+    let c = client(server_url, ca_pin_hex, None)?;
+    let body = serde_json::to_value(EnrollRequest {
+        token: token.to_owned(),
+        csr: csr_pem.to_owned(),
+        device_id: device_id.map(str::to_owned),
+    })
+    .map_err(|e| EnrollError::Csr(e.to_string()))?;
+    c.post(ENROLL_PATH, body)
+}
+
+/// Renew over mutual TLS: present `cert_chain_pem` (from enrolment) with the keystore's key,
+/// and send `csr_pem` (for the same key, or a new one to rotate).
+pub fn renew(
+    server_url: &str,
+    ca_pin_hex: &str,
+    cert_chain_pem: &str,
+    keystore: Arc<dyn Keystore>,
+    csr_pem: &str,
+) -> Result<EnrollResponse, EnrollError> {
+    let chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EnrollError::Tls(format!("device certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(EnrollError::Tls(
+            "device certificate chain holds no certificate".into(),
+        ));
+    }
+    let certified = CertifiedKey::new(chain, Arc::new(KeystoreSigningKey(keystore)));
+    certified
+        .keys_match()
+        .map_err(|_| EnrollError::CertKeyMismatch)?;
+    let resolver = Arc::new(KeystoreClientCert {
+        certified: Arc::new(certified),
+    });
+    let c = client(server_url, ca_pin_hex, Some(resolver))?;
+    let body = serde_json::to_value(RenewRequest {
+        csr: csr_pem.to_owned(),
+    })
+    .map_err(|e| EnrollError::Csr(e.to_string()))?;
+    c.post(RENEW_PATH, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_from_soft_key_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = devid_keystore::soft::SoftKeystore::create(dir.path()).unwrap();
+        let pem = build_csr_with_keystore(&ks, Some("dev-1")).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        let failing = |_: &[u8]| -> Result<Vec<u8>, String> { Err("token removed".into()) };
+        let spki = devid_keystore::spki_der(&ks.public_key());
+        match build_csr(&failing, &spki, None) {
+            Err(EnrollError::Signer(d)) => assert_eq!(d, "token removed"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            build_csr(&failing, b"junk", None),
+            Err(EnrollError::InvalidKey(_))
+        ));
+        assert!(matches!(parse_pin("abc"), Err(EnrollError::InvalidPin)));
+        assert!(matches!(
+            enroll("http://x", "t", &"0".repeat(64), &pem, None),
+            Err(EnrollError::InvalidUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,321 @@
+//! Wire types shared by the devid device and the devid server.
+//!
+//! Everything that crosses the network between a device and the server is defined here once:
+//! the enrolment and renewal JSON bodies, the JSON error body, the device id rules and the
+//! identity URI carried in device certificates, and the admin API's JSON shapes.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the SAN URI that names a device in its certificate: `urn:devid:<id>`.
+pub const DEVICE_URI_PREFIX: &str = "urn:devid:";
+
+/// Longest device id accepted.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// Path of the enrolment endpoint.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+
+/// Path of the renewal endpoint (mutual TLS).
+pub const RENEW_PATH: &str = "/v1/renew";
+
+/// A device id: lowercase `[a-z0-9-]{1,64}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+/// A string that is not a valid device id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid device id: use 1 to 64 characters from lowercase a-z, digits 0-9 and '-' \
+     (got {len} characters{detail})"
+)]
+pub struct InvalidDeviceId {
+    len: usize,
+    detail: &'static str,
+}
+
+impl DeviceId {
+    /// Check and wrap a device id.
+    pub fn parse(s: &str) -> Result<Self, InvalidDeviceId> {
+        if s.is_empty() || s.len() > MAX_DEVICE_ID_LEN {
+            return Err(InvalidDeviceId {
+                len: s.len(),
+                detail: "",
+            });
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(InvalidDeviceId {
+                len: s.len(),
+                detail: ", some outside the allowed set",
+            });
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The identity URI carried in the certificate's SAN: `urn:devid:<id>`.
+    pub fn uri(&self) -> String {
+        format!("{DEVICE_URI_PREFIX}{}", self.0)
+    }
+
+    /// Parse an identity URI `urn:devid:<id>` back into a device id.
+    pub fn from_uri(uri: &str) -> Option<Self> {
+        uri.strip_prefix(DEVICE_URI_PREFIX)
+            .and_then(|id| Self::parse(id).ok())
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = InvalidDeviceId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = InvalidDeviceId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(id: DeviceId) -> String {
+        id.0
+    }
+}
+
+impl AsRef<str> for DeviceId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `POST /v1/enroll` request body.
+///
+/// `Debug` leaves the token out so the body can never be logged with it.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The one-time enrolment token given by the operator.
+    pub token: String,
+    /// PKCS#10 certificate signing request, PEM.
+    pub csr: String,
+    /// The device id the device asks for (ignored when the token is bound to an id; refused
+    /// with 403 when it differs from that id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+impl fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"<redacted>")
+            .field("csr_len", &self.csr.len())
+            .field("device_id", &self.device_id)
+            .finish()
+    }
+}
+
+/// `POST /v1/enroll` and `POST /v1/renew` response body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The device id the certificate names.
+    pub device_id: String,
+    /// PEM: the device certificate followed by the fleet CA certificate.
+    pub certificate_chain: String,
+    /// Where the device connects for MQTT: `mqtts://HOST:PORT`.
+    pub mqtt_url: String,
+    /// Hex SHA-256 of the fleet CA certificate's DER.
+    pub ca_pin: String,
+}
+
+/// `POST /v1/renew` request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// PKCS#10 certificate signing request, PEM, for the same key or a new one (rotation).
+    pub csr: String,
+}
+
+/// Every error response of the HTTP API: `{"error": "...", "code": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A sentence for people: what failed and what to do.
+    pub error: String,
+    /// A stable machine-readable code, e.g. `token_used`.
+    pub code: String,
+}
+
+/// Registry state of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// Allowed to connect and renew.
+    Active,
+    /// Temporarily refused; `resume` makes it active again.
+    Suspended,
+    /// Refused for good.
+    Revoked,
+}
+
+impl DeviceState {
+    /// The lowercase name used in JSON and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Active => "active",
+            DeviceState::Suspended => "suspended",
+            DeviceState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DeviceState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(DeviceState::Active),
+            "suspended" => Ok(DeviceState::Suspended),
+            "revoked" => Ok(DeviceState::Revoked),
+            other => Err(format!("unknown device state {other:?}")),
+        }
+    }
+}
+
+/// A device as the admin API shows it. Times are RFC 3339 UTC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: String,
+    /// Registry state.
+    pub state: DeviceState,
+    /// Serial of the newest certificate issued, hex.
+    pub cert_serial: String,
+    /// Expiry of the newest certificate issued.
+    pub cert_not_after: String,
+    /// Hex SHA-256 of the device public key's SubjectPublicKeyInfo DER.
+    pub key_fingerprint: String,
+    /// Policy name the device was enrolled with.
+    pub policy: String,
+    /// When the registry row was created.
+    pub created_at: String,
+    /// When the device last enrolled.
+    pub enrolled_at: String,
+    /// When the device was last seen (enrolment, renewal, connection).
+    pub last_seen: String,
+}
+
+/// `POST /v1/admin/tokens` request body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreateRequest {
+    /// Bind the token to this device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Lifetime in seconds (server default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// Policy name given to the device that uses the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+/// `POST /v1/admin/tokens` response body. The only place a token's plaintext ever appears.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenCreateResponse {
+    /// The one-time token (shown once; the server keeps only its SHA-256).
+    pub token: String,
+    /// Expiry, RFC 3339 UTC.
+    pub expires_at: String,
+    /// The device id the token is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Policy name.
+    pub policy: String,
+}
+
+impl fmt::Debug for TokenCreateResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCreateResponse")
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("device_id", &self.device_id)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// One row of the audit log. Times are RFC 3339 UTC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Monotonic row id.
+    pub id: i64,
+    /// When it happened.
+    pub time: String,
+    /// Who acted: `admin`, `device:<id>`, `anonymous`.
+    pub actor: String,
+    /// The device concerned, if any.
+    pub device_id: Option<String>,
+    /// What was attempted: `enroll`, `renew`, `token.create`, `device.revoke`, ...
+    pub action: String,
+    /// `ok` or `refused`.
+    pub outcome: String,
+    /// The refusal code or a short non-secret detail.
+    pub detail: String,
+    /// Peer address of the request.
+    pub source: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_rules() {
+        assert!(DeviceId::parse("sensor-01").is_ok());
+        assert!(DeviceId::parse(&"a".repeat(64)).is_ok());
+        assert!(DeviceId::parse(&"a".repeat(65)).is_err());
+        assert!(DeviceId::parse("").is_err());
+        assert!(DeviceId::parse("Sensor").is_err());
+        assert!(DeviceId::parse("a_b").is_err());
+        assert!(DeviceId::parse("a/b").is_err());
+        let id = DeviceId::parse("x1").unwrap();
+        assert_eq!(id.uri(), "urn:devid:x1");
+        assert_eq!(DeviceId::from_uri("urn:devid:x1"), Some(id));
+        assert_eq!(DeviceId::from_uri("urn:other:x1"), None);
+    }
+
+    #[test]
+    fn json_shapes() {
+        let r: EnrollRequest = serde_json::from_str(r#"{"token":"t","csr":"c"}"#).unwrap();
+        assert!(r.device_id.is_none());
+        assert!(!format!("{r:?}").contains("\"t\""));
+        assert!(serde_json::from_str::<EnrollRequest>(r#"{"token":"t","csr":"c","x":1}"#).is_err());
+        let s: DeviceState = serde_json::from_str("\"revoked\"").unwrap();
+        assert_eq!(s, DeviceState::Revoked);
+        assert!(serde_json::from_str::<DeviceId>("\"BAD\"").is_err());
+    }
+}

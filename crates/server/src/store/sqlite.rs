@@ -1,0 +1,579 @@
+//! The SQLite backend: one WAL-mode database file in the data dir, `synchronous = FULL` so an
+//! acknowledged enrolment survives a power loss.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use devid_proto::{AuditEntry, DeviceId, DeviceState};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{
+    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal, Store,
+    StoreError,
+};
+use crate::timeutil::rfc3339;
+
+/// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
+/// device cannot leave `revoked` (trigger), so even a bug above cannot undo either.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_credentials (
+    token_hash TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    device_id  TEXT,
+    policy     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    used_by    TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id              TEXT PRIMARY KEY,
+    state           TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'revoked')),
+    cert_serial     TEXT NOT NULL,
+    cert_not_after  INTEGER NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    policy          TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    enrolled_at     INTEGER NOT NULL,
+    last_seen       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    time      INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    device_id TEXT,
+    action    TEXT NOT NULL,
+    outcome   TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    source    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_device ON audit (device_id, id);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS revoked_is_permanent BEFORE UPDATE OF state ON devices
+    WHEN OLD.state = 'revoked' AND NEW.state <> 'revoked'
+    BEGIN SELECT RAISE(ABORT, 'revocation is permanent'); END;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+"#;
+
+/// A registry in one SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| StoreError::Db {
+        operation,
+        detail: e.to_string(),
+    }
+}
+
+const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
+                              created_at, enrolled_at, last_seen";
+
+fn device_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, DeviceRecordRest)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        DeviceRecordRest {
+            cert_serial: row.get(2)?,
+            cert_not_after_ms: row.get(3)?,
+            key_fingerprint: row.get(4)?,
+            policy: row.get(5)?,
+            created_at_ms: row.get(6)?,
+            enrolled_at_ms: row.get(7)?,
+            last_seen_ms: row.get(8)?,
+        },
+    ))
+}
+
+struct DeviceRecordRest {
+    cert_serial: String,
+    cert_not_after_ms: i64,
+    key_fingerprint: String,
+    policy: String,
+    created_at_ms: i64,
+    enrolled_at_ms: i64,
+    last_seen_ms: i64,
+}
+
+fn to_record(
+    (id, state, r): (String, String, DeviceRecordRest),
+) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        id: DeviceId::parse(&id).map_err(|e| StoreError::Corrupt {
+            what: "device id",
+            detail: e.to_string(),
+        })?,
+        state: state.parse().map_err(|e: String| StoreError::Corrupt {
+            what: "device state",
+            detail: e,
+        })?,
+        cert_serial: r.cert_serial,
+        cert_not_after_ms: r.cert_not_after_ms,
+        key_fingerprint: r.key_fingerprint,
+        policy: r.policy,
+        created_at_ms: r.created_at_ms,
+        enrolled_at_ms: r.enrolled_at_ms,
+        last_seen_ms: r.last_seen_ms,
+    })
+}
+
+fn load_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
+        params![id],
+        device_row,
+    )
+    .optional()
+    .map_err(db("read device"))?
+    .map(to_record)
+    .transpose()
+}
+
+fn insert_audit(conn: &Connection, row: &NewAudit<'_>) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit (time, actor, device_id, action, outcome, detail, source) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            row.ctx.now_ms,
+            row.ctx.actor,
+            row.device_id,
+            row.action,
+            row.outcome,
+            row.detail,
+            row.ctx.source
+        ],
+    )
+    .map_err(db("append audit"))?;
+    Ok(())
+}
+
+fn refused(
+    conn: &Connection,
+    ctx: &AuditCtx,
+    action: &str,
+    device: Option<&str>,
+    why: Refusal,
+) -> Result<Refusal, StoreError> {
+    insert_audit(
+        conn,
+        &NewAudit {
+            ctx,
+            device_id: device,
+            action,
+            outcome: "refused",
+            detail: why.code(),
+        },
+    )?;
+    Ok(why)
+}
+
+impl SqliteStore {
+    /// Open (creating when missing) the database at `path` and bring its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let existed = path.exists();
+        let conn = Connection::open(path).map_err(db("open"))?;
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| StoreError::Db {
+                    operation: "open",
+                    detail: format!("chmod 600 {}: {e}", path.display()),
+                },
+            )?;
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("configure"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db("enable WAL"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Db {
+                operation: "enable WAL",
+                detail: format!("journal mode is {mode}"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(db("configure"))?;
+        conn.execute_batch(SCHEMA).map_err(db("create schema"))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Db {
+            operation: "lock",
+            detail: "a previous database operation panicked; restart the server".into(),
+        })
+    }
+}
+
+impl Store for SqliteStore {
+    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn()?
+            .execute(
+                "INSERT INTO admin_credentials (token_hash, created_at) VALUES (?1, ?2)",
+                params![hash, now_ms],
+            )
+            .map_err(db("add admin credential"))?;
+        Ok(())
+    }
+
+    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .conn()?
+            .query_row(
+                "SELECT COUNT(*) FROM admin_credentials WHERE token_hash = ?1",
+                params![hash],
+                |r| r.get(0),
+            )
+            .map_err(db("check admin credential"))?;
+        Ok(n > 0)
+    }
+
+    fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        tx.execute(
+            "INSERT INTO enrollment_tokens (token_hash, device_id, policy, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                token.hash,
+                token.device_id.as_ref().map(|d| d.as_str()),
+                token.policy,
+                ctx.now_ms,
+                token.expires_at_ms
+            ],
+        )
+        .map_err(db("create token"))?;
+        let detail = format!(
+            "policy={} expires={}",
+            token.policy,
+            rfc3339(token.expires_at_ms)
+        );
+        insert_audit(
+            &tx,
+            &NewAudit {
+                ctx,
+                device_id: token.device_id.as_ref().map(|d| d.as_str()),
+                action: "token.create",
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        tx.commit().map_err(db("commit"))
+    }
+
+    fn enroll(
+        &self,
+        a: &EnrollAttempt<'_>,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, crate::ca::IssuedCert)> {
+        let now = a.ctx.now_ms;
+        let mut conn = self.conn()?;
+        let requested = a.requested_id.map(|d| d.as_str());
+        let decision = {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db("begin"))?;
+            let token: Option<(Option<String>, String, i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
+                     WHERE token_hash = ?1",
+                    params![a.token_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()
+                .map_err(db("read token"))?;
+            let (bound, policy) = match token {
+                None => {
+                    return finish_refusal(tx, a.ctx, "enroll", requested, Refusal::TokenUnknown)
+                }
+                Some((bound, _, _, Some(_))) => {
+                    let dev = bound.clone();
+                    return finish_refusal(
+                        tx,
+                        a.ctx,
+                        "enroll",
+                        dev.as_deref().or(requested),
+                        Refusal::TokenUsed,
+                    );
+                }
+                Some((bound, _, expires, None)) if expires <= now => {
+                    let dev = bound.clone();
+                    return finish_refusal(
+                        tx,
+                        a.ctx,
+                        "enroll",
+                        dev.as_deref().or(requested),
+                        Refusal::TokenExpired,
+                    );
+                }
+                Some((bound, policy, _, None)) => (bound, policy),
+            };
+            let id = match (&bound, a.requested_id) {
+                (Some(b), Some(r)) if b != r.as_str() => {
+                    return finish_refusal(tx, a.ctx, "enroll", Some(b), Refusal::TokenBoundToOther)
+                }
+                (Some(b), _) => DeviceId::parse(b).map_err(|e| StoreError::Corrupt {
+                    what: "token device id",
+                    detail: e.to_string(),
+                })?,
+                (None, Some(r)) => r.clone(),
+                (None, None) => {
+                    DeviceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|e| {
+                        StoreError::Corrupt {
+                            what: "generated device id",
+                            detail: e.to_string(),
+                        }
+                    })?
+                }
+            };
+            let existing = load_device(&tx, id.as_str())?;
+            let refusal = match existing.as_ref().map(|d| d.state) {
+                Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
+                Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
+                Some(DeviceState::Active) if bound.is_none() => Some(Refusal::DeviceExists),
+                _ => None,
+            };
+            if let Some(r) = refusal {
+                return finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), r);
+            }
+            let consumed = tx
+                .execute(
+                    "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 \
+                     WHERE token_hash = ?3 AND used_at IS NULL AND expires_at > ?1",
+                    params![now, id.as_str(), a.token_hash],
+                )
+                .map_err(db("consume token"))?;
+            if consumed != 1 {
+                return finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), Refusal::TokenUsed);
+            }
+            let cert = issue(&id)?;
+            tx.execute(
+                "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
+                 policy, created_at, enrolled_at, last_seen) \
+                 VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6, ?6) \
+                 ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
+                 cert_not_after = excluded.cert_not_after, \
+                 key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
+                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen \
+                 WHERE devices.state = 'active'",
+                params![
+                    id.as_str(),
+                    cert.serial_hex,
+                    cert.not_after_ms,
+                    a.key_fingerprint,
+                    policy,
+                    now
+                ],
+            )
+            .map_err(db("record device"))?;
+            let detail = format!(
+                "serial={} policy={} key={}{}",
+                cert.serial_hex,
+                policy,
+                a.key_fingerprint,
+                if existing.is_some() {
+                    " re-enrolment"
+                } else {
+                    ""
+                }
+            );
+            insert_audit(
+                &tx,
+                &NewAudit {
+                    ctx: a.ctx,
+                    device_id: Some(id.as_str()),
+                    action: "enroll",
+                    outcome: "ok",
+                    detail: &detail,
+                },
+            )?;
+            let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
+                what: "device",
+                detail: "row missing right after insert".into(),
+            })?;
+            tx.commit().map_err(db("commit"))?;
+            (record, cert)
+        };
+        Ok(Ok(decision))
+    }
+
+    fn renew(
+        &self,
+        id: &DeviceId,
+        key_fingerprint: &str,
+        ctx: &AuditCtx,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, crate::ca::IssuedCert)> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        let refusal = match load_device(&tx, id.as_str())?.map(|d| d.state) {
+            None => Some(Refusal::DeviceUnknown),
+            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
+            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
+            Some(DeviceState::Active) => None,
+        };
+        if let Some(r) = refusal {
+            return finish_refusal(tx, ctx, "renew", Some(id.as_str()), r);
+        }
+        let cert = issue(id)?;
+        tx.execute(
+            "UPDATE devices SET cert_serial = ?1, cert_not_after = ?2, key_fingerprint = ?3, \
+             last_seen = ?4 WHERE id = ?5 AND state = 'active'",
+            params![
+                cert.serial_hex,
+                cert.not_after_ms,
+                key_fingerprint,
+                ctx.now_ms,
+                id.as_str()
+            ],
+        )
+        .map_err(db("record renewal"))?;
+        let detail = format!("serial={} key={}", cert.serial_hex, key_fingerprint);
+        insert_audit(
+            &tx,
+            &NewAudit {
+                ctx,
+                device_id: Some(id.as_str()),
+                action: "renew",
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
+            what: "device",
+            detail: "row missing right after update".into(),
+        })?;
+        tx.commit().map_err(db("commit"))?;
+        Ok(Ok((record, cert)))
+    }
+
+    fn set_state(
+        &self,
+        id: &DeviceId,
+        target: DeviceState,
+        ctx: &AuditCtx,
+    ) -> Outcome<DeviceRecord> {
+        let action = match target {
+            DeviceState::Active => "device.resume",
+            DeviceState::Suspended => "device.suspend",
+            DeviceState::Revoked => "device.revoke",
+        };
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        let current = match load_device(&tx, id.as_str())? {
+            None => {
+                return finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceUnknown)
+            }
+            Some(d) => d.state,
+        };
+        if current == DeviceState::Revoked && target != DeviceState::Revoked {
+            return finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceRevoked);
+        }
+        tx.execute(
+            "UPDATE devices SET state = ?1 WHERE id = ?2",
+            params![target.as_str(), id.as_str()],
+        )
+        .map_err(db("change device state"))?;
+        let detail = format!("{current} -> {target}");
+        insert_audit(
+            &tx,
+            &NewAudit {
+                ctx,
+                device_id: Some(id.as_str()),
+                action,
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
+            what: "device",
+            detail: "row missing right after update".into(),
+        })?;
+        tx.commit().map_err(db("commit"))?;
+        Ok(Ok(record))
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        load_device(&*self.conn()?, id.as_str())
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))
+            .map_err(db("list devices"))?;
+        let rows = stmt
+            .query_map([], device_row)
+            .map_err(db("list devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list devices"))?;
+        rows.into_iter().map(to_record).collect()
+    }
+
+    fn append_audit(&self, row: &NewAudit<'_>) -> Result<(), StoreError> {
+        insert_audit(&*self.conn()?, row)
+    }
+
+    fn audit_log(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, time, actor, device_id, action, outcome, detail, source FROM audit \
+                 WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(db("read audit"))?;
+        let mut rows = stmt
+            .query_map(params![device, limit], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    time: rfc3339(r.get(1)?),
+                    actor: r.get(2)?,
+                    device_id: r.get(3)?,
+                    action: r.get(4)?,
+                    outcome: r.get(5)?,
+                    detail: r.get(6)?,
+                    source: r.get(7)?,
+                })
+            })
+            .map_err(db("read audit"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("read audit"))?;
+        rows.reverse();
+        Ok(rows)
+    }
+}
+
+/// Refusals happen before the transaction writes anything: append the refusal's audit row in
+/// it and commit, so the only trace of a refused request is its audit row.
+fn finish_refusal<T>(
+    tx: rusqlite::Transaction<'_>,
+    ctx: &AuditCtx,
+    action: &str,
+    device: Option<&str>,
+    why: Refusal,
+) -> Outcome<T> {
+    let why = refused(&tx, ctx, action, device, why)?;
+    tx.commit().map_err(db("commit"))?;
+    Ok(Err(why))
+}
