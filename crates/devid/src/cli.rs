@@ -61,6 +61,11 @@ pub enum Command {
         #[arg(long)]
         base64: bool,
     },
+    /// Enrol with the devid server: CSR signed in the keystore, one-time token, pinned CA.
+    #[command(
+        after_help = "Example:\n  devid enroll --server https://devid.example.net:8443 --ca-pin 3f0c...e1 --token - < token.txt\n\nThe token can also come from DEVID_ENROLL_TOKEN; avoid putting it on the command line on\nshared machines (other users can read /proc/PID/cmdline)."
+    )]
+    Enroll(EnrollArgs),
     /// Named secrets sealed in the bundle.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -98,6 +103,31 @@ pub struct InitArgs {
     /// PKCS#11: file holding the user PIN.
     #[arg(long, value_name = "PATH")]
     pub pin_file: Option<PathBuf>,
+}
+
+/// `devid enroll` options.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// Server enrolment endpoint, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub server: String,
+    /// One-time enrolment token from `devid-server token create`; `-` reads it from stdin.
+    #[arg(
+        long,
+        env = "DEVID_ENROLL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: String,
+    /// Hex SHA-256 of the fleet CA certificate, printed by `devid-server init`.
+    #[arg(long, value_name = "SHA256")]
+    pub ca_pin: String,
+    /// Device id to ask for (lowercase a-z 0-9 -, up to 64); the token may already bind one.
+    #[arg(long, value_name = "ID")]
+    pub device_id: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `devid secret ...`

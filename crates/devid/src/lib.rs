@@ -16,6 +16,7 @@ use devid_vault::{Contents, Vault};
 use serde_json::json;
 
 pub mod cli;
+pub mod enroll;
 pub mod logging;
 pub mod state;
 
@@ -38,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sign { base64 } => sign(dir, tcti, base64),
+        Command::Enroll(args) => enroll::run(dir, tcti, &args),
         Command::Secret(cmd) => secret(dir, tcti, cmd),
         Command::Config(cmd) => config(dir, tcti, cmd),
     }

@@ -17,16 +17,13 @@ use devid_keystore::Keystore;
 use devid_proto::{
     EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, ENROLL_PATH, RENEW_PATH,
 };
+use devid_tls::parse_pin;
+pub use devid_tls::KeystoreSigningKey;
 use p256::pkcs8::DecodePublicKey;
 use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, PKCS_ECDSA_P256_SHA256};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
-use rustls::sign::{CertifiedKey, Signer, SigningKey};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureAlgorithm, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::pki_types::CertificateDer;
 
 /// Errors of enrolment and renewal. Messages never carry the token, a key or a CSR.
 #[derive(Debug, thiserror::Error)]
@@ -159,146 +156,6 @@ pub fn build_csr_with_keystore(
     build_csr(&sign, &spki, device_id)
 }
 
-fn parse_pin(hex_pin: &str) -> Result<[u8; 32], EnrollError> {
-    let bytes = hex::decode(hex_pin.trim()).map_err(|_| EnrollError::InvalidPin)?;
-    bytes.try_into().map_err(|_| EnrollError::InvalidPin)
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Trusts a server only when its chain holds the pinned CA and the leaf verifies against it.
-#[derive(Debug)]
-struct PinnedCaVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-    mismatch: Arc<AtomicBool>,
-}
-
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .chain(std::iter::once(end_entity))
-            .find(|c| <[u8; 32]>::from(Sha256::digest(c.as_ref())) == self.pin);
-        let Some(ca) = ca else {
-            self.mismatch.store(true, Ordering::SeqCst);
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Presents the device certificate; the handshake signature is made by the keystore.
-#[derive(Debug)]
-struct KeystoreClientCert {
-    certified: Arc<CertifiedKey>,
-}
-
-impl ResolvesClientCert for KeystoreClientCert {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        sigschemes
-            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
-            .then(|| self.certified.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// A rustls signing key backed by a devid keystore (TPM, PKCS#11 or soft).
-#[derive(Debug)]
-pub struct KeystoreSigningKey(pub Arc<dyn Keystore>);
-
-impl SigningKey for KeystoreSigningKey {
-    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        offered
-            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
-            .then(|| Box::new(KeystoreSigner(self.0.clone())) as Box<dyn Signer>)
-    }
-
-    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
-        Some(SubjectPublicKeyInfoDer::from(devid_keystore::spki_der(
-            &self.0.public_key(),
-        )))
-    }
-
-    fn algorithm(&self) -> SignatureAlgorithm {
-        SignatureAlgorithm::ECDSA
-    }
-}
-
-#[derive(Debug)]
-struct KeystoreSigner(Arc<dyn Keystore>);
-
-impl Signer for KeystoreSigner {
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.0
-            .sign(message)
-            .map(|s| s.to_der().as_bytes().to_vec())
-            .map_err(|e| rustls::Error::General(format!("keystore signature: {e}")))
-    }
-
-    fn scheme(&self) -> SignatureScheme {
-        SignatureScheme::ECDSA_NISTP256_SHA256
-    }
-}
-
 struct Client {
     agent: ureq::Agent,
     mismatch: Arc<AtomicBool>,
@@ -311,7 +168,7 @@ fn client(
     ca_pin_hex: &str,
     client_cert: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Result<Client, EnrollError> {
-    let pin = parse_pin(ca_pin_hex)?;
+    let pin = parse_pin(ca_pin_hex).map_err(|_| EnrollError::InvalidPin)?;
     let base = server_url.trim_end_matches('/');
     let rest = base
         .strip_prefix("https://")
@@ -319,22 +176,11 @@ fn client(
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
         return Err(EnrollError::InvalidUrl(server_url.to_owned()));
     }
-    let provider = provider();
-    let mismatch = Arc::new(AtomicBool::new(false));
-    let verifier = Arc::new(PinnedCaVerifier {
-        pin,
-        provider: provider.clone(),
-        mismatch: mismatch.clone(),
-    });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| EnrollError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let tls = match client_cert {
-        Some(resolver) => builder.with_client_cert_resolver(resolver),
-        None => builder.with_no_client_auth(),
-    };
+    let (tls, mismatch) =
+        devid_tls::client_config(ca_pin_hex, client_cert).map_err(|e| match e {
+            devid_tls::TlsError::InvalidPin => EnrollError::InvalidPin,
+            e => EnrollError::Tls(e.to_string()),
+        })?;
     let agent = ureq::AgentBuilder::new()
         .tls_config(Arc::new(tls))
         .timeout(Duration::from_secs(60))
@@ -424,21 +270,13 @@ pub fn renew(
     keystore: Arc<dyn Keystore>,
     csr_pem: &str,
 ) -> Result<EnrollResponse, EnrollError> {
-    let chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| EnrollError::Tls(format!("device certificate chain: {e}")))?;
-    if chain.is_empty() {
-        return Err(EnrollError::Tls(
-            "device certificate chain holds no certificate".into(),
-        ));
-    }
-    let certified = CertifiedKey::new(chain, Arc::new(KeystoreSigningKey(keystore)));
-    certified
-        .keys_match()
-        .map_err(|_| EnrollError::CertKeyMismatch)?;
-    let resolver = Arc::new(KeystoreClientCert {
-        certified: Arc::new(certified),
-    });
+    let resolver = devid_tls::client_cert(cert_chain_pem, KeystoreSigningKey::new(keystore))
+        .map_err(|e| match e {
+            devid_tls::TlsError::Certificate(d) if d.contains("not this device's key") => {
+                EnrollError::CertKeyMismatch
+            }
+            e => EnrollError::Tls(e.to_string()),
+        })?;
     let c = client(server_url, ca_pin_hex, Some(resolver))?;
     let body = serde_json::to_value(RenewRequest {
         csr: csr_pem.to_owned(),
@@ -467,7 +305,10 @@ mod tests {
             build_csr(&failing, b"junk", None),
             Err(EnrollError::InvalidKey(_))
         ));
-        assert!(matches!(parse_pin("abc"), Err(EnrollError::InvalidPin)));
+        assert!(matches!(
+            parse_pin("abc"),
+            Err(devid_tls::TlsError::InvalidPin)
+        ));
         assert!(matches!(
             enroll("http://x", "t", &"0".repeat(64), &pem, None),
             Err(EnrollError::InvalidUrl(_))

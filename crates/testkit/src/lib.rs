@@ -15,8 +15,27 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 pub mod proxy;
+pub mod server;
 pub mod softhsm;
 pub mod swtpm;
+
+/// Path of a binary of this workspace (`devid`, `devid-server`), next to the test executable's
+/// `deps` folder. `cargo test --workspace` builds every binary before running tests; a test
+/// run for one package alone needs `cargo build --bins` first.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --bins` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
 
 /// Two consecutive free TCP ports on 127.0.0.1 (swtpm's data port and control port = data+1).
 pub fn free_port_pair() -> u16 {

@@ -1,0 +1,130 @@
+//! `devid enroll`: obtain this device's certificate from the devid server.
+//!
+//! The CSR is signed inside the keystore (the key never leaves it), the server is trusted only
+//! through the CA pin, and the answer is checked before anything is sealed: the leaf carries
+//! our public key and `urn:devid:<id>` and verifies against the pinned CA. Then the server URL,
+//! MQTT URL, CA pin and certificate, device id and chain are sealed into the bundle in one
+//! atomic write.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use devid_keystore::{spki_der, Keystore};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::*;
+
+use crate::cli::EnrollArgs;
+
+/// Run `devid enroll`.
+pub fn run(dir: &Path, tcti: Option<&str>, args: &EnrollArgs) -> Result<()> {
+    crate::validate_server_url(&args.server)?;
+    let pin = crate::normalise_pin(&args.ca_pin)?;
+    let token = read_token(&args.token)?;
+    let (_, vault) = crate::open_vault(dir, tcti)?;
+    let mut contents = vault.load()?;
+    let ks = vault.keystore().clone();
+    let wanted_id = args.device_id.as_deref().or(contents.device_id.as_deref());
+
+    let csr = devid_enroll::build_csr_with_keystore(ks.as_ref(), wanted_id)
+        .context("cannot build the certificate request in the keystore")?;
+    let resp = devid_enroll::enroll(&args.server, &token, &pin, &csr, wanted_id)
+        .with_context(|| format!("enrolment with {} failed", args.server))?;
+
+    let ca_pem = check_chain(&resp.certificate_chain, &pin, &resp.device_id, ks.as_ref())?;
+    contents.server_url = Some(args.server.trim_end_matches('/').to_string());
+    contents.mqtt_url = Some(resp.mqtt_url.clone());
+    contents.ca_pin = Some(pin);
+    contents.ca_cert_pem = Some(ca_pem);
+    contents.device_id = Some(resp.device_id.clone());
+    contents.cert_chain_pem = Some(resp.certificate_chain.clone());
+    vault.store(&contents)?;
+
+    let cert = crate::certificate_summary(&resp.certificate_chain);
+    if args.json {
+        let v = json!({
+            "device_id": resp.device_id,
+            "mqtt_url": resp.mqtt_url,
+            "certificate": cert,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("enrolled as device {}", resp.device_id);
+        println!("mqtt endpoint: {}", resp.mqtt_url);
+        if let Some(c) = cert {
+            println!(
+                "certificate serial {}, valid until {}",
+                c["serial"].as_str().unwrap_or("?"),
+                c["not_after"].as_str().unwrap_or("?")
+            );
+        }
+        println!("sealed into the bundle in {}", dir.display());
+    }
+    Ok(())
+}
+
+fn read_token(arg: &str) -> Result<String> {
+    let token = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the enrolment token from standard input")?;
+        s
+    } else {
+        arg.to_string()
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!("the enrolment token is empty: pass the line printed by `devid-server token create`");
+    }
+    Ok(token)
+}
+
+/// Check the chain the server returned; returns the CA certificate (PEM) it chains to.
+fn check_chain(chain_pem: &str, pin: &str, device_id: &str, ks: &dyn Keystore) -> Result<String> {
+    let pems: Vec<x509_parser::pem::Pem> =
+        x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("the server returned an unparsable certificate chain")?;
+    let leaf_pem = pems.first().context("the server returned an empty chain")?;
+    let ca_pem = pems
+        .iter()
+        .find(|p| hex::encode(Sha256::digest(&p.contents)) == pin)
+        .context("the returned chain does not contain the pinned CA certificate")?;
+    let (_, leaf) = parse_x509_certificate(&leaf_pem.contents)
+        .map_err(|e| anyhow::anyhow!("the device certificate does not parse: {e}"))?;
+    let (_, ca) = parse_x509_certificate(&ca_pem.contents)
+        .map_err(|e| anyhow::anyhow!("the CA certificate does not parse: {e}"))?;
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| anyhow::anyhow!("the device certificate is not signed by the pinned CA"))?;
+    if leaf.public_key().raw != spki_der(&ks.public_key()).as_slice() {
+        bail!("the server certified another public key than this device's");
+    }
+    let expected = format!("urn:devid:{device_id}");
+    let has_uri = leaf
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, GeneralName::URI(u) if *u == expected))
+        })
+        .unwrap_or(false);
+    if !has_uri {
+        bail!("the device certificate does not name {expected}");
+    }
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&ca_pem.contents)
+    };
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    Ok(out)
+}
