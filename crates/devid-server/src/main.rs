@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use devid_proto::TokenCreateRequest;
 use devid_server_core::admin::{AdminClient, StateAction};
 use devid_server_core::config::{parse_duration, ServerConfig};
+use devid_server_core::ingest::client::MessagesClient;
+use devid_server_core::ingest::http::MessageView;
 use devid_server_core::init::{init, InitOptions};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/devid-server";
@@ -66,11 +68,28 @@ enum Command {
         /// MQTT listen address (its port goes into the URL given to devices).
         #[arg(long, default_value = "0.0.0.0:8883")]
         mqtt_listen: SocketAddr,
-        /// Database URL: sqlite:FILE (relative to the data dir) or postgres://...
+        /// Database URL: sqlite:FILE (relative to the data dir) or
+        /// postgres://USER[:PASSWORD]@HOST:PORT/DB (several nodes may share one database).
         #[arg(long)]
         db: Option<String>,
+        /// Where to make the fleet CA key: file:FILE (relative to the data dir, the default
+        /// file:ca-key.pem) or an RFC 7512 URI naming a PKCS#11 token, its module and a PIN
+        /// file: the key is generated on the token and never leaves it.
+        #[arg(
+            long,
+            value_name = "KEY_REF",
+            long_help = "Where to make the fleet CA key.\n  file:FILE  a 0600 PKCS#8 file \
+                         in the data dir (default file:ca-key.pem)\n  \
+                         pkcs11:token=LABEL?module-path=MODULE&pin-source=file:PIN_FILE\n    \
+                         generated on the PKCS#11 token LABEL (never extractable); the full \
+                         reference (token serial, key id) is recorded in devid-server.toml.\n\
+                         Example: --ca-key 'pkcs11:token=fleet-ca?module-path=/usr/lib/softhsm/\
+                         libsofthsm2.so&pin-source=file:/etc/devid-server/token.pin'"
+        )]
+        ca_key: Option<String>,
     },
-    /// Serve HTTPS: enrolment, renewal, admin API.
+    /// Serve HTTPS (enrolment, renewal, admin API, messages, /metrics) and MQTT (telemetry
+    /// ingest over mutual TLS).
     #[command(
         after_help = "Example:\n  devid-server run --data-dir /var/lib/devid-server\n  \
                             devid-server run --config /etc/devid-server/devid-server.toml"
@@ -89,6 +108,9 @@ enum Command {
     /// The device registry.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Stored telemetry (MQTT messages).
+    #[command(subcommand)]
+    Messages(MessagesCommand),
     /// Show the audit log.
     #[command(after_help = "Example:\n  devid-server audit --json --limit 50")]
     Audit {
@@ -125,6 +147,47 @@ enum TokenCommand {
         /// Policy name for the device.
         #[arg(long)]
         policy: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MessagesCommand {
+    /// List a device's stored messages, oldest first (the newest --limit, or those after
+    /// --since). Payloads print as text when UTF-8, as base64: otherwise.
+    #[command(
+        after_help = "Example:\n  devid-server messages list --device sensor-01 --limit 20\n  \
+                            devid-server messages list --device sensor-01 --since 1200 --json"
+    )]
+    List {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Device id.
+        #[arg(long)]
+        device: String,
+        /// Most messages shown (1 to 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only messages after this message id (paging).
+        #[arg(long)]
+        since: Option<i64>,
+        /// JSON output: {"messages": [...], "next_since": ID}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow messages as they are stored (server-sent events from /v1/stream).
+    #[command(after_help = "Example:\n  devid-server messages tail --device sensor-01")]
+    Tail {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
     },
 }
 
@@ -213,6 +276,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             https_listen,
             mqtt_listen,
             db,
+            ca_key,
         } => {
             let report = init(&InitOptions {
                 data_dir,
@@ -220,6 +284,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 https_listen: Some(https_listen),
                 mqtt_listen: Some(mqtt_listen),
                 db,
+                ca_key,
             })?;
             let dir = report.config.data_dir.display();
             let url = format!(
@@ -229,7 +294,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             println!("initialised {dir}");
             println!("  config:      {}", report.config_path.display());
-            println!("  CA cert:     {dir}/ca.pem (CA key: {dir}/ca-key.pem, mode 0600)");
+            match report.config.ca_key_ref()? {
+                devid_server_core::config::CaKeyRef::File(p) => println!(
+                    "  CA cert:     {dir}/ca.pem (CA key: {}, mode 0600)",
+                    p.display()
+                ),
+                devid_server_core::config::CaKeyRef::Pkcs11(uri) => println!(
+                    "  CA cert:     {dir}/ca.pem (CA key on PKCS#11 token {:?}, serial {})",
+                    uri.token,
+                    uri.serial.as_deref().unwrap_or("?")
+                ),
+            }
             println!("  admin token: {dir}/admin.token (mode 0600)");
             println!("CA pin (SHA-256 of the CA certificate DER):");
             println!("  {}", report.ca_pin);
@@ -283,6 +358,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device(cmd) => device(cmd),
+        Command::Messages(cmd) => messages(cmd),
         Command::Audit {
             dir,
             device_id,
@@ -305,6 +381,68 @@ fn dispatch(cli: Cli) -> Result<()> {
                     r.detail
                 );
             }
+            Ok(())
+        }
+    }
+}
+
+fn print_message(m: &MessageView) {
+    let payload = if m.payload_encoding == "utf8" {
+        m.payload.clone()
+    } else {
+        format!("{}:{}", m.payload_encoding, m.payload)
+    };
+    let msg_id = m
+        .msg_id
+        .as_deref()
+        .map(|k| format!(" msg-id={k}"))
+        .unwrap_or_default();
+    println!(
+        "{} {:>8} {} {} qos={}{} {}",
+        m.received_at, m.id, m.device_id, m.topic, m.qos, msg_id, payload
+    );
+}
+
+fn messages(cmd: MessagesCommand) -> Result<()> {
+    use std::io::Write;
+    match cmd {
+        MessagesCommand::List {
+            dir,
+            device,
+            limit,
+            since,
+            json,
+        } => {
+            let page = MessagesClient::from_data_dir(&dir.data_dir, dir.server.as_deref())?
+                .list(&device, since, limit)?;
+            if json {
+                return print_json(&page);
+            }
+            for m in &page.messages {
+                print_message(m);
+            }
+            Ok(())
+        }
+        MessagesCommand::Tail {
+            dir,
+            device,
+            json,
+            count,
+        } => {
+            let client = MessagesClient::from_data_dir(&dir.data_dir, dir.server.as_deref())?;
+            let mut seen = 0usize;
+            client.tail(device.as_deref(), |m| {
+                if json {
+                    if let Ok(line) = serde_json::to_string(&m) {
+                        println!("{line}");
+                    }
+                } else {
+                    print_message(&m);
+                }
+                let _ = std::io::stdout().flush();
+                seen += 1;
+                count.is_none_or(|n| seen < n)
+            })?;
             Ok(())
         }
     }

@@ -61,7 +61,7 @@ fn enrol_with_soft_key_through_devid_enroll() {
     let resp = enroll(&s.url, &token, &s.pin, &csr, Some("sensor-01")).unwrap();
     assert_eq!(resp.device_id, "sensor-01");
     assert_eq!(resp.ca_pin, s.pin);
-    assert_eq!(resp.mqtt_url, "mqtts://localhost:18883");
+    assert_eq!(resp.mqtt_url, format!("mqtts://localhost:{}", s.mqtt_port));
     let ca_pem = std::fs::read_to_string(s.ca_pem_path()).unwrap();
     let serial = check_chain(&resp.certificate_chain, &ca_pem, "sensor-01", &spki(&*ks));
 

@@ -48,6 +48,11 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Only the running agent's status (connection, outbox, certificate), read from its
+        /// status file without opening the keystore (for monitoring, as any user that can
+        /// read the state dir).
+        #[arg(long)]
+        agent: bool,
     },
     /// Print the device public key (PEM).
     #[command(after_help = "Example:\n  devid pubkey > device.pub.pem")]
@@ -72,6 +77,87 @@ pub enum Command {
     /// Settings sealed in the bundle (server endpoint, CA pin).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the device agent: MQTT over mutual TLS (key in the keystore), durable outbox,
+    /// local socket for applications, certificate renewal. Runs until SIGTERM.
+    #[command(
+        after_help = "Example:\n  devid agent --socket /run/devid/agent.sock --socket-group devid-apps\n\nUsually started by systemd (packaging/devid-agent.service). See docs/agent.md."
+    )]
+    Agent(AgentArgs),
+    /// Publish a message through the running agent; exits 0 only once the agent has it in
+    /// its durable outbox.
+    #[command(
+        after_help = "Examples:\n  devid send --topic telemetry/temp 21.5\n  sensor-read | devid send --topic events/door -"
+    )]
+    Send(SendArgs),
+}
+
+/// `devid agent` options.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Unix socket applications publish through.
+    #[arg(long, env = "DEVID_AGENT_SOCKET", default_value = devid_agent::local::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Group (name or gid) allowed to use the socket; the socket file gets this group.
+    #[arg(long, env = "DEVID_AGENT_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Mode of the socket file (octal). Peers are checked again with SO_PEERCRED.
+    #[arg(long, default_value = "0660", value_name = "OCTAL")]
+    pub socket_mode: String,
+    /// Outbox directory (default: <state dir>/outbox).
+    #[arg(long, value_name = "DIR")]
+    pub outbox_dir: Option<PathBuf>,
+    /// Most bytes the outbox keeps (suffix K, M, G).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub outbox_max_bytes: String,
+    /// Oldest message the outbox keeps (e.g. 7d, 12h).
+    #[arg(long, default_value = "7d", value_name = "DURATION")]
+    pub outbox_max_age: String,
+    /// When the outbox is full: refuse new messages, or drop the oldest.
+    #[arg(long, default_value = "refuse", value_name = "POLICY")]
+    pub outbox_full: devid_agent::outbox::FullPolicy,
+    /// Largest message payload accepted (suffix K, M).
+    #[arg(long, default_value = "64K", value_name = "SIZE")]
+    pub max_payload: String,
+    /// Renew the certificate at this fraction of its lifetime.
+    #[arg(long, default_value_t = 2.0 / 3.0, value_name = "FRACTION")]
+    pub renew_at: f64,
+    /// Do not renew the certificate.
+    #[arg(long)]
+    pub no_renew: bool,
+    /// MQTT keep-alive.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub keepalive: String,
+    /// First reconnect delay ceiling (doubles per failure, full jitter).
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub backoff_base: String,
+    /// Largest reconnect delay.
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub backoff_cap: String,
+    /// Most unacknowledged messages on the MQTT connection.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub inflight: u16,
+    /// How often the status file is rewritten at least.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub status_interval: String,
+}
+
+/// `devid send` options.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The agent's socket.
+    #[arg(long, env = "DEVID_AGENT_SOCKET", default_value = devid_agent::local::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Topic suffix: telemetry/<name> or events/<name>.
+    #[arg(long)]
+    pub topic: String,
+    /// The payload, or `-` to read it from standard input.
+    pub payload: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub timeout: String,
+    /// Print the message's sequence number and idempotency key as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Key backends.

@@ -20,7 +20,9 @@ pub mod enroll;
 pub mod logging;
 pub mod state;
 
-use cli::{Backend, Cli, Command, ConfigCommand, ConfigKey, InitArgs, SecretCommand};
+use cli::{
+    AgentArgs, Backend, Cli, Command, ConfigCommand, ConfigKey, InitArgs, SecretCommand, SendArgs,
+};
 use state::StateFile;
 
 /// Largest secret `devid secret put` accepts.
@@ -32,7 +34,8 @@ pub fn run(cli: Cli) -> Result<()> {
     let tcti = cli.tcti.as_deref();
     match cli.command {
         Command::Init(args) => init(dir, tcti, &args),
-        Command::Status { json } => status(dir, tcti, json),
+        Command::Status { json, agent: true } => agent_status(dir, json),
+        Command::Status { json, agent: false } => status(dir, tcti, json),
         Command::Pubkey => {
             let (_, ks) = open_keystore(dir, tcti)?;
             print!("{}", public_key_pem(&ks.public_key()));
@@ -42,6 +45,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Enroll(args) => enroll::run(dir, tcti, &args),
         Command::Secret(cmd) => secret(dir, tcti, cmd),
         Command::Config(cmd) => config(dir, tcti, cmd),
+        Command::Agent(args) => agent(dir, tcti, &args),
+        Command::Send(args) => send(&args),
     }
 }
 
@@ -185,6 +190,7 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         "certificate": cert,
         "secret_count": contents.secrets.len(),
         "process": {"dumpable": hygiene.dumpable, "core_limit": hygiene.core_limit},
+        "agent": agent_status_json(dir),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -213,6 +219,200 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         "process:      dumpable={} core_limit={}",
         hygiene.dumpable, hygiene.core_limit
     );
+    print_agent_status(&v["agent"]);
+    Ok(())
+}
+
+/// The agent's status file as JSON (`null` when no agent ever ran on this state dir), with
+/// `running`: whether the process that wrote it is still alive.
+pub fn agent_status_json(dir: &Path) -> serde_json::Value {
+    match devid_agent::status::read_status(dir) {
+        Some(st) => {
+            let running = st.connection.state != devid_agent::status::ConnState::Stopped
+                && devid_agent::status::agent_alive(&st);
+            let mut v = serde_json::to_value(&st).unwrap_or(serde_json::Value::Null);
+            v["running"] = json!(running);
+            v
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
+fn agent_status(dir: &Path, as_json: bool) -> Result<()> {
+    let v = agent_status_json(dir);
+    if v.is_null() {
+        bail!(
+            "no agent status in {} (has `devid agent` run with this --state-dir?)",
+            dir.display()
+        );
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_agent_status(&v);
+    }
+    Ok(())
+}
+
+fn unix_to_text(secs: Option<i64>) -> String {
+    match secs {
+        Some(s) if s > 0 => {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        }
+        _ => "never".into(),
+    }
+}
+
+fn print_agent_status(v: &serde_json::Value) {
+    if v.is_null() {
+        println!("agent:        (never ran on this state dir)");
+        return;
+    }
+    let c = &v["connection"];
+    let state = if v["running"].as_bool() == Some(true) {
+        c["state"].as_str().unwrap_or("?").to_string()
+    } else {
+        format!(
+            "not running (last state: {})",
+            c["state"].as_str().unwrap_or("?")
+        )
+    };
+    println!(
+        "agent:        {state} since {} (pid {}, {})",
+        unix_to_text(c["since_unix"].as_i64()),
+        v["pid"],
+        c["endpoint"].as_str().unwrap_or("?")
+    );
+    if let Some(e) = c["last_error"].as_str() {
+        println!("  last error: {e}");
+    }
+    let o = &v["outbox"];
+    println!(
+        "  outbox:     {} waiting ({} bytes); dropped {} full / {} too old; refused {} (full)",
+        o["depth"], o["bytes"], o["dropped_full"], o["dropped_age"], o["refused_full"]
+    );
+    let m = &v["mqtt"];
+    println!(
+        "  messages:   {} acked, {} rejected by the server, last ack {}",
+        m["acked"],
+        m["rejected"],
+        unix_to_text(m["last_ack_unix"].as_i64())
+    );
+    let cert = &v["certificate"];
+    println!(
+        "  cert:       serial {}, expires {}, renewal due {}, renewed {}x{}",
+        cert["serial"].as_str().unwrap_or("?"),
+        unix_to_text(cert["not_after_unix"].as_i64()),
+        unix_to_text(cert["renew_at_unix"].as_i64()),
+        cert["renewals"],
+        cert["last_renewal_error"]
+            .as_str()
+            .map(|e| format!(" (last renewal error: {e})"))
+            .unwrap_or_default()
+    );
+    let t = &v["tls"];
+    println!(
+        "  tls:        {} full / {} resumed handshakes, {} keystore signatures",
+        t["full_handshakes"], t["resumed_handshakes"], t["keystore_signatures"]
+    );
+}
+
+/// Parse a size like `64M`, `512K`, `1G` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .with_context(|| format!("{s:?} is not a size: use bytes or a number with K, M or G"))
+}
+
+fn parse_duration(what: &str, s: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(s)
+        .with_context(|| format!("{what}: {s:?} is not a duration (e.g. 500ms, 30s, 5m, 7d)"))
+}
+
+fn parse_group(g: &str) -> Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+        Ok(None) => bail!("no group named {g:?} (create it, or give a numeric gid)"),
+        Err(e) => bail!("cannot look up group {g:?}: {e}"),
+    }
+}
+
+/// The agent configuration `devid agent` flags describe.
+pub fn agent_config(dir: &Path, args: &AgentArgs) -> Result<devid_agent::AgentConfig> {
+    let mut cfg = devid_agent::AgentConfig::new(dir.to_path_buf());
+    cfg.socket = args.socket.clone();
+    cfg.socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
+    cfg.socket_mode = u32::from_str_radix(args.socket_mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .context("--socket-mode is an octal mode such as 0660")?;
+    if let Some(d) = &args.outbox_dir {
+        cfg.outbox.dir = d.clone();
+    }
+    cfg.outbox.max_bytes = parse_size(&args.outbox_max_bytes)?;
+    cfg.outbox.max_age = parse_duration("--outbox-max-age", &args.outbox_max_age)?;
+    cfg.outbox.when_full = args.outbox_full;
+    cfg.outbox.max_payload = usize::try_from(parse_size(&args.max_payload)?)
+        .ok()
+        .filter(|n| *n <= 1 << 20)
+        .context("--max-payload is at most 1M")?;
+    cfg.outbox.segment_bytes = (cfg.outbox.max_bytes / 8).clamp(64 << 10, 4 << 20);
+    if cfg.outbox.max_bytes < 2 * cfg.outbox.max_payload as u64 {
+        bail!("--outbox-max-bytes must hold at least two messages of --max-payload");
+    }
+    cfg.renew_fraction = (!args.no_renew).then_some(args.renew_at);
+    cfg.keep_alive = parse_duration("--keepalive", &args.keepalive)?;
+    cfg.backoff_base = parse_duration("--backoff-base", &args.backoff_base)?;
+    cfg.backoff_cap = parse_duration("--backoff-cap", &args.backoff_cap)?;
+    cfg.inflight = args.inflight.max(1);
+    cfg.status_interval = parse_duration("--status-interval", &args.status_interval)?;
+    Ok(cfg)
+}
+
+fn agent(dir: &Path, tcti: Option<&str>, args: &AgentArgs) -> Result<()> {
+    let cfg = agent_config(dir, args)?;
+    let (_, vault) = open_vault(dir, tcti)?;
+    let end = devid_agent::run(cfg, vault)?;
+    tracing::info!(
+        pending = end.outbox.depth,
+        "devid agent stopped; pending messages stay in the outbox"
+    );
+    Ok(())
+}
+
+fn send(args: &SendArgs) -> Result<()> {
+    let payload = if args.payload == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .take(devid_agent::outbox::MAX_RECORD_BODY as u64)
+            .read_to_end(&mut buf)
+            .context("cannot read the payload from standard input")?;
+        buf
+    } else {
+        args.payload.clone().into_bytes()
+    };
+    devid_agent::topic::validate_suffix(&args.topic)?;
+    let timeout = parse_duration("--timeout", &args.timeout)?;
+    let accepted = devid_agent::local::publish(&args.socket, &args.topic, &payload, timeout)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"seq": accepted.seq, "msg_id": accepted.msg_id})
+        );
+    }
     Ok(())
 }
 

@@ -42,6 +42,8 @@ pub struct AppState {
     pub ca: Arc<Ca>,
     /// Settings.
     pub config: Arc<ServerConfig>,
+    /// The MQTT ingest's shared state: message store, live sessions, metrics.
+    pub telemetry: Arc<crate::ingest::Telemetry>,
 }
 
 /// What the TLS listener knows about the connection a request came on. Inserted as a request
@@ -63,7 +65,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -71,7 +73,7 @@ impl ApiError {
         }
     }
 
-    fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
+    pub(crate) fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %e, "{what} failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -162,7 +164,14 @@ fn build() -> (Router<AppState>, Vec<(&'static str, &'static str)>) {
     )
     .add("POST", "/v1/admin/devices/{id}/resume", post(resume_device))
     .add("POST", "/v1/admin/devices/{id}/revoke", post(revoke_device))
-    .add("GET", "/v1/admin/audit", get(audit_log));
+    .add("GET", "/v1/admin/audit", get(audit_log))
+    .add(
+        "GET",
+        "/v1/devices/{id}/messages",
+        get(crate::ingest::http::list_messages),
+    )
+    .add("GET", "/v1/stream", get(crate::ingest::http::stream))
+    .add("GET", "/metrics", get(crate::ingest::http::metrics));
     let router = b.router.fallback(|| async {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -556,6 +565,8 @@ async fn change_state(
     match blocking(move || store.set_state(&id, target, &ctx)).await?? {
         Ok(d) => {
             tracing::info!(device_id = %d.id, state = %d.state, "device state changed");
+            // committed: cut the device's live MQTT session now if it is no longer active
+            state.telemetry.on_state_change(&d.id, d.state);
             Ok(Json(d.info()))
         }
         Err(Refusal::DeviceRevoked) => Err(ApiError::new(

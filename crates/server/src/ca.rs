@@ -1,10 +1,16 @@
-//! The fleet certificate authority: an ECDSA P-256 key (a 0600 file for now; PKCS#11 later)
-//! that signs device certificates and the server's own TLS certificate.
+//! The fleet certificate authority: an ECDSA P-256 key that signs device certificates and the
+//! server's own TLS certificate. The key is a 0600 PKCS#8 file in the data dir, or lives on a
+//! PKCS#11 token (generated there by `devid-server init --ca-key pkcs11:...`, never
+//! extractable): then every certificate is signed by the token through
+//! [`devid_keystore_pkcs11::Pkcs11Keystore`], and no CA private key is ever on disk.
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use devid_keystore::Keystore;
+use devid_keystore_pkcs11::{Pkcs11Config, Pkcs11Keystore};
 use devid_proto::DeviceId;
 use rand_core::{OsRng, RngCore};
 use rcgen::{
@@ -15,6 +21,7 @@ use rcgen::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 use sha2::{Digest, Sha256};
 
+use crate::config::{CaKeyRef, Pkcs11KeyUri, ServerConfig, CA_CERT_FILE};
 use crate::fsutil;
 use crate::timeutil::datetime;
 
@@ -37,6 +44,14 @@ pub enum CaError {
         /// Which file or value.
         what: &'static str,
         /// Why.
+        detail: String,
+    },
+    /// The PKCS#11 token holding the CA key failed or refused.
+    #[error("CA key on the PKCS#11 token: cannot {operation}: {detail}")]
+    Token {
+        /// What was being done.
+        operation: &'static str,
+        /// The keystore's words (never the PIN).
         detail: String,
     },
     /// Certificate generation failed.
@@ -71,12 +86,87 @@ pub struct IssuedCert {
 pub struct Ca {
     cert_der: CertificateDer<'static>,
     cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("pin", &self.pin()).finish()
+        f.debug_struct("Ca")
+            .field("pin", &self.pin())
+            .field("key", &self.key_kind())
+            .finish()
+    }
+}
+
+/// The CA's signing key: in memory (from the 0600 file) or on a PKCS#11 token.
+enum CaKey {
+    File(KeyPair),
+    Token(TokenKey),
+}
+
+/// A P-256 key on a PKCS#11 token, as an rcgen remote signing key.
+struct TokenKey {
+    keystore: Arc<Pkcs11Keystore>,
+    /// The SEC1 uncompressed point: what rcgen wants as an EC key's public bytes.
+    point: Vec<u8>,
+    /// The full RFC 7512 reference (token serial and key id included).
+    uri: Pkcs11KeyUri,
+}
+
+impl TokenKey {
+    fn new(keystore: Pkcs11Keystore, uri: Pkcs11KeyUri) -> Self {
+        let point = p256::EncodedPoint::from(keystore.public_key())
+            .as_bytes()
+            .to_vec();
+        Self {
+            keystore: Arc::new(keystore),
+            point,
+            uri,
+        }
+    }
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            CaKey::File(k) => k.der_bytes(),
+            CaKey::Token(t) => &t.point,
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            CaKey::File(k) => k.algorithm(),
+            CaKey::Token(_) => &PKCS_ECDSA_P256_SHA256,
+        }
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            CaKey::File(k) => k.sign(msg),
+            CaKey::Token(t) => {
+                let started = std::time::Instant::now();
+                let sig = t.keystore.sign(msg).map_err(|e| {
+                    // rcgen's error carries no detail: the log has the cause.
+                    tracing::error!(error = %e, token = %t.uri.token, "CA signing on the PKCS#11 token failed");
+                    rcgen::Error::RemoteKeyError
+                })?;
+                tracing::debug!(
+                    micros = started.elapsed().as_micros() as u64,
+                    "CA signature made on the PKCS#11 token"
+                );
+                Ok(sig.to_der().as_bytes().to_vec())
+            }
+        }
+    }
+}
+
+fn token_err(operation: &'static str) -> impl Fn(devid_keystore::KeystoreError) -> CaError {
+    move |e| CaError::Token {
+        operation,
+        detail: e.to_string(),
     }
 }
 
@@ -93,6 +183,16 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
+fn read_cert(cert_path: &Path) -> Result<(String, CertificateDer<'static>), CaError> {
+    let cert_pem = std::fs::read_to_string(cert_path).map_err(|e| io(cert_path, e))?;
+    let cert_der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Invalid {
+            what: "CA certificate",
+            detail: format!("{}: {e}", cert_path.display()),
+        })?;
+    Ok((cert_pem, cert_der))
+}
+
 fn issue_err(operation: &'static str) -> impl Fn(rcgen::Error) -> CaError {
     move |e| CaError::Issue {
         operation,
@@ -101,10 +201,50 @@ fn issue_err(operation: &'static str) -> impl Fn(rcgen::Error) -> CaError {
 }
 
 impl Ca {
-    /// Make a new CA for the fleet served at `hostname`.
+    /// Make a new CA for the fleet served at `hostname`, its key in memory (saved to a 0600
+    /// file by [`Ca::save`]).
     pub fn generate(hostname: &str, now_ms: i64) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(issue_err("generate the CA key"))?;
+        Self::self_signed(hostname, now_ms, CaKey::File(key))
+    }
+
+    /// Make a new CA whose key is generated ON the PKCS#11 token `uri` names (its `serial` and
+    /// `id`, when given, are ignored: a new key gets a new id). Returns the CA and the full
+    /// reference to record (`ca_key` in the config). The private key never leaves the token.
+    pub fn generate_on_token(
+        hostname: &str,
+        now_ms: i64,
+        uri: &Pkcs11KeyUri,
+    ) -> Result<(Self, Pkcs11KeyUri), CaError> {
+        let (keystore, config) =
+            Pkcs11Keystore::create(&uri.module_path, &uri.token, &uri.pin_file)
+                .map_err(token_err("generate the CA key"))?;
+        let full = Pkcs11KeyUri {
+            token: config.token_label.clone(),
+            serial: Some(config.token_serial.clone()),
+            id: Some(hex::decode(&config.key_id).map_err(|e| CaError::Token {
+                operation: "generate the CA key",
+                detail: format!("the token returned a key id that is not hex: {e}"),
+            })?),
+            module_path: config.module.clone(),
+            pin_file: config.pin_file.clone(),
+        };
+        tracing::info!(
+            token = %full.token,
+            serial = %config.token_serial,
+            key_id = %config.key_id,
+            "generated the fleet CA key on the PKCS#11 token"
+        );
+        let ca = Self::self_signed(
+            hostname,
+            now_ms,
+            CaKey::Token(TokenKey::new(keystore, full.clone())),
+        )?;
+        Ok((ca, full))
+    }
+
+    fn self_signed(hostname: &str, now_ms: i64, key: CaKey) -> Result<Self, CaError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("devid fleet CA {hostname}"));
@@ -133,14 +273,52 @@ impl Ca {
         })
     }
 
+    /// Load the CA a config names: `ca.pem` from the data dir, the key from the file or the
+    /// PKCS#11 token of `ca_key`.
+    pub fn open(cfg: &ServerConfig) -> Result<Self, CaError> {
+        let cert_path = cfg.path(CA_CERT_FILE);
+        match cfg.ca_key_ref().map_err(|e| CaError::Invalid {
+            what: "ca_key setting",
+            detail: e.to_string(),
+        })? {
+            CaKeyRef::File(key_path) => Self::load(&cert_path, &key_path),
+            CaKeyRef::Pkcs11(uri) => Self::load_from_token(&cert_path, &uri),
+        }
+    }
+
+    /// Load the CA from its certificate file and its key on a PKCS#11 token. `uri` must name
+    /// the token serial and the key id (as `init` records them).
+    pub fn load_from_token(cert_path: &Path, uri: &Pkcs11KeyUri) -> Result<Self, CaError> {
+        let (cert_pem, cert_der) = read_cert(cert_path)?;
+        let (Some(serial), Some(id)) = (&uri.serial, &uri.id) else {
+            return Err(CaError::Invalid {
+                what: "ca_key setting",
+                detail: "the pkcs11: URI must name the token serial (serial=) and the key \
+                         (id=), as `devid-server init --ca-key` records them"
+                    .into(),
+            });
+        };
+        let keystore = Pkcs11Keystore::open(&Pkcs11Config {
+            module: uri.module_path.clone(),
+            token_label: uri.token.clone(),
+            pin_file: uri.pin_file.clone(),
+            token_serial: serial.clone(),
+            key_id: hex::encode(id),
+        })
+        .map_err(token_err("open the CA key"))?;
+        let key = CaKey::Token(TokenKey::new(keystore, uri.clone()));
+        Self::assemble(
+            cert_pem,
+            cert_der,
+            key,
+            cert_path,
+            "the key on the PKCS#11 token",
+        )
+    }
+
     /// Load the CA from its certificate and key files.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
-        let cert_pem = std::fs::read_to_string(cert_path).map_err(|e| io(cert_path, e))?;
-        let cert_der =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Invalid {
-                what: "CA certificate",
-                detail: format!("{}: {e}", cert_path.display()),
-            })?;
+        let (cert_pem, cert_der) = read_cert(cert_path)?;
         let key_bytes =
             zeroize::Zeroizing::new(fsutil::read_private(key_path).map_err(|e| io(key_path, e))?);
         let key_text = std::str::from_utf8(&key_bytes).map_err(|_| CaError::Invalid {
@@ -151,6 +329,22 @@ impl Ca {
             what: "CA key",
             detail: format!("{}: {e}", key_path.display()),
         })?;
+        Self::assemble(
+            cert_pem,
+            cert_der,
+            CaKey::File(key),
+            cert_path,
+            &key_path.display().to_string(),
+        )
+    }
+
+    fn assemble(
+        cert_pem: String,
+        cert_der: CertificateDer<'static>,
+        key: CaKey,
+        cert_path: &Path,
+        key_name: &str,
+    ) -> Result<Self, CaError> {
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| CaError::Invalid {
             what: "CA certificate",
             detail: e.to_string(),
@@ -170,21 +364,36 @@ impl Ca {
         {
             return Err(CaError::Invalid {
                 what: "CA key",
-                detail: format!(
-                    "{} does not belong to {}",
-                    key_path.display(),
-                    cert_path.display()
-                ),
+                detail: format!("{key_name} does not belong to {}", cert_path.display()),
             });
         }
         Ok(ca)
     }
 
-    /// Write the certificate (public) and the key (0600) into `dir`, refusing to overwrite.
+    /// Write the certificate (public) and, for a file key, the key (0600), refusing to
+    /// overwrite. A key on a PKCS#11 token stays there: `key_path` is not written.
     pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), CaError> {
-        let key_pem = zeroize::Zeroizing::new(self.issuer.key().serialize_pem());
-        fsutil::write_new(key_path, key_pem.as_bytes(), 0o600).map_err(|e| io(key_path, e))?;
+        if let CaKey::File(key) = self.issuer.key() {
+            let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+            fsutil::write_new(key_path, key_pem.as_bytes(), 0o600).map_err(|e| io(key_path, e))?;
+        }
         fsutil::write_new(cert_path, self.cert_pem.as_bytes(), 0o644).map_err(|e| io(cert_path, e))
+    }
+
+    /// `file` or `pkcs11`: where the CA key is.
+    pub fn key_kind(&self) -> &'static str {
+        match self.issuer.key() {
+            CaKey::File(_) => "file",
+            CaKey::Token(_) => "pkcs11",
+        }
+    }
+
+    /// The RFC 7512 reference of the CA key when it is on a PKCS#11 token.
+    pub fn token_key_uri(&self) -> Option<&Pkcs11KeyUri> {
+        match self.issuer.key() {
+            CaKey::File(_) => None,
+            CaKey::Token(t) => Some(&t.uri),
+        }
     }
 
     /// The CA certificate, PEM.

@@ -73,9 +73,17 @@ pub struct ServerConfig {
     /// Database URL: `sqlite:FILE` (relative to data_dir) or `postgres://...`.
     #[serde(default = "default_db")]
     pub db: String,
+    /// The fleet CA's private key: `file:FILE` (relative to data_dir) or an RFC 7512
+    /// `pkcs11:` URI (see [`Pkcs11KeyUri`]).
+    #[serde(default = "default_ca_key")]
+    pub ca_key: String,
     /// Lifetime of device certificates in days.
     #[serde(default = "default_cert_days")]
     pub device_cert_days: u32,
+    /// Lifetime of device certificates as a humantime duration (`2m`, `12h`, `30d`); when set
+    /// it overrides `device_cert_days` (short lifetimes exercise renewal in tests and drills).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_cert_lifetime: Option<String>,
     /// Lifetime of enrolment tokens when `token create` gives no `--ttl` (humantime: `1h`).
     #[serde(default = "default_token_ttl")]
     pub token_default_ttl: String,
@@ -91,6 +99,9 @@ pub struct ServerConfig {
     /// Most TLS connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
+    #[serde(default)]
+    pub mqtt: crate::ingest::config::MqttSettings,
 }
 
 fn default_https() -> SocketAddr {
@@ -101,6 +112,9 @@ fn default_mqtt() -> SocketAddr {
 }
 fn default_db() -> String {
     format!("sqlite:{SQLITE_FILE}")
+}
+fn default_ca_key() -> String {
+    format!("file:{CA_KEY_FILE}")
 }
 fn default_cert_days() -> u32 {
     30
@@ -139,12 +153,15 @@ impl ServerConfig {
             https_listen: default_https(),
             mqtt_listen: default_mqtt(),
             db: default_db(),
+            ca_key: default_ca_key(),
             device_cert_days: default_cert_days(),
+            device_cert_lifetime: None,
             token_default_ttl: default_token_ttl(),
             token_max_ttl: default_token_max_ttl(),
             max_body_bytes: default_max_body(),
             request_timeout_secs: default_request_timeout(),
             max_connections: default_max_connections(),
+            mqtt: Default::default(),
         }
     }
 
@@ -185,6 +202,15 @@ impl ServerConfig {
                 detail: "must be between 1 and 3650".into(),
             });
         }
+        if let Some(l) = &self.device_cert_lifetime {
+            let d = parse_duration("device_cert_lifetime", l)?;
+            if d < Duration::from_secs(60) || d > Duration::from_secs(3650 * 86_400) {
+                return Err(ConfigError::Invalid {
+                    key: "device_cert_lifetime",
+                    detail: "must be between 1 minute and 3650 days".into(),
+                });
+            }
+        }
         let ttl = self.token_default_ttl()?;
         if ttl > self.token_max_ttl()? {
             return Err(ConfigError::Invalid {
@@ -199,7 +225,14 @@ impl ServerConfig {
             });
         }
         self.db_location()?;
+        self.mqtt.validate()?;
+        self.ca_key_ref()?;
         Ok(())
+    }
+
+    /// Where the CA private key is.
+    pub fn ca_key_ref(&self) -> Result<CaKeyRef, ConfigError> {
+        CaKeyRef::parse(&self.ca_key, &self.data_dir)
     }
 
     /// Default token lifetime.
@@ -214,7 +247,10 @@ impl ServerConfig {
 
     /// Lifetime of device certificates.
     pub fn device_cert_lifetime(&self) -> Duration {
-        Duration::from_secs(u64::from(self.device_cert_days) * 86_400)
+        self.device_cert_lifetime
+            .as_deref()
+            .and_then(|l| parse_duration("device_cert_lifetime", l).ok())
+            .unwrap_or_else(|| Duration::from_secs(u64::from(self.device_cert_days) * 86_400))
     }
 
     /// Where the database is.
@@ -297,8 +333,16 @@ impl ServerConfig {
              # postgres://USER@HOST:PORT/DB.\n\
              db = {db}\n\
              \n\
+             # The fleet CA's private key: file:FILE (relative to data_dir, 0600), or a key on\n\
+             # a PKCS#11 token, as an RFC 7512 URI naming the token (label and serial), the\n\
+             # key's CKA_ID, the module and the PIN file: pkcs11:token=LABEL;serial=S;id=%..;\n\
+             # type=private?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:PATH\n\
+             ca_key = {ca_key}\n\
+             \n\
              # Lifetime of device certificates, in days (devices renew at 2/3 of it).\n\
              device_cert_days = {days}\n\
+             # Or as a duration, overriding device_cert_days (1m to 3650d), e.g. for renewal drills:\n\
+             # device_cert_lifetime = \"2m\"\n\
              \n\
              # Lifetime of an enrolment token when `token create` has no --ttl, and the longest\n\
              # accepted (humantime: 30m, 1h, 7d).\n\
@@ -318,13 +362,222 @@ impl ServerConfig {
             https = q(&self.https_listen.to_string()),
             mqtt = q(&self.mqtt_listen.to_string()),
             db = q(&self.db),
+            ca_key = q(&self.ca_key),
             days = self.device_cert_days,
             ttl = q(&self.token_default_ttl),
             max_ttl = q(&self.token_max_ttl),
             body = self.max_body_bytes,
             timeout = self.request_timeout_secs,
             conns = self.max_connections,
-        )
+        ) + &self.mqtt.to_commented_toml()
+    }
+}
+
+/// Where the fleet CA's private key is (`ca_key` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaKeyRef {
+    /// A PKCS#8 PEM file (0600); the path is absolute (relative ones are joined to data_dir).
+    File(PathBuf),
+    /// A key on a PKCS#11 token.
+    Pkcs11(Pkcs11KeyUri),
+}
+
+impl CaKeyRef {
+    /// Parse `file:FILE` or a `pkcs11:` URI; relative files are taken from `data_dir`.
+    pub fn parse(s: &str, data_dir: &Path) -> Result<Self, ConfigError> {
+        if let Some(rest) = s.strip_prefix("file:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            if rest.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "ca_key",
+                    detail: "file: needs a file name".into(),
+                });
+            }
+            let p = PathBuf::from(rest);
+            Ok(CaKeyRef::File(if p.is_absolute() {
+                p
+            } else {
+                data_dir.join(p)
+            }))
+        } else if s.starts_with("pkcs11:") {
+            Ok(CaKeyRef::Pkcs11(Pkcs11KeyUri::parse(s)?))
+        } else {
+            Err(ConfigError::Invalid {
+                key: "ca_key",
+                detail: "use file:FILE or a pkcs11: URI (RFC 7512)".into(),
+            })
+        }
+    }
+}
+
+/// A key on a PKCS#11 token as an RFC 7512 URI:
+/// `pkcs11:token=LABEL;serial=SERIAL;id=%01%02..;type=private?module-path=MODULE&pin-source=file:PIN_FILE`.
+///
+/// Path attributes: `token` (the token label, required), `serial` (the token serial: a token
+/// with the same label but another serial is refused), `id` (the key's `CKA_ID`), `type`
+/// (`private` when present); `object`, `manufacturer`, `model` and `library-*` are accepted
+/// and ignored. Query attributes: `module-path` (the PKCS#11 module, required) and
+/// `pin-source` (a `file:` URI or a path to a file holding the user PIN, required).
+/// `pin-value` is refused: a PIN does not belong in a config file. `devid-server init
+/// --ca-key` takes the URI without `serial` and `id` and records the full one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11KeyUri {
+    /// Token label.
+    pub token: String,
+    /// Token serial number.
+    pub serial: Option<String>,
+    /// `CKA_ID` of the key.
+    pub id: Option<Vec<u8>>,
+    /// The PKCS#11 module.
+    pub module_path: PathBuf,
+    /// File holding the user PIN.
+    pub pin_file: PathBuf,
+}
+
+fn pct_decode(key: &'static str, s: &str) -> Result<Vec<u8>, ConfigError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key,
+                    detail: format!("bad percent-encoding in {s:?}"),
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn pct_encode(bytes: &[u8], keep: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
+}
+
+impl Pkcs11KeyUri {
+    /// Parse an RFC 7512 URI (see the type's docs for the attributes used).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        const KEY: &str = "ca_key";
+        let invalid = |detail: String| ConfigError::Invalid { key: KEY, detail };
+        let text = |v: &str| {
+            String::from_utf8(pct_decode(KEY, v)?)
+                .map_err(|_| invalid(format!("{v:?} is not UTF-8 once decoded")))
+        };
+        let rest = s
+            .strip_prefix("pkcs11:")
+            .ok_or_else(|| invalid("a PKCS#11 URI starts with pkcs11:".into()))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut token, mut serial, mut id) = (None, None, None);
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("path attribute {attr:?} has no '='")))?;
+            match k {
+                "token" => token = Some(text(v)?),
+                "serial" => serial = Some(text(v)?),
+                "id" => id = Some(pct_decode(KEY, v)?),
+                "type" if v == "private" => {}
+                "type" => {
+                    return Err(invalid(format!(
+                        "type={v}: the CA key reference names the private key (type=private)"
+                    )))
+                }
+                "object"
+                | "manufacturer"
+                | "model"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-id"
+                | "slot-description"
+                | "slot-manufacturer" => {}
+                other => return Err(invalid(format!("unknown path attribute {other:?}"))),
+            }
+        }
+        let (mut module_path, mut pin_file) = (None, None);
+        for attr in query.split('&').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| invalid("a query attribute has no '='".into()))?;
+            match k {
+                "module-path" => module_path = Some(PathBuf::from(text(v)?)),
+                "pin-source" => {
+                    let v = text(v)?;
+                    let p = v
+                        .strip_prefix("file://")
+                        .or(v.strip_prefix("file:"))
+                        .unwrap_or(&v);
+                    if !p.starts_with('/') {
+                        return Err(invalid(
+                            "pin-source must be an absolute file: URI or path".into(),
+                        ));
+                    }
+                    pin_file = Some(PathBuf::from(p));
+                }
+                "pin-value" => {
+                    return Err(invalid(
+                        "pin-value is refused: put the PIN in a 0600 file and name it with \
+                         pin-source=file:/PATH"
+                            .into(),
+                    ))
+                }
+                "module-name" => {}
+                other => return Err(invalid(format!("unknown query attribute {other:?}"))),
+            }
+        }
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid("the URI needs token=LABEL".into()))?;
+        let module_path = module_path.ok_or_else(|| {
+            invalid("the URI needs ?module-path=/path/to/module.so (the PKCS#11 library)".into())
+        })?;
+        let pin_file = pin_file.ok_or_else(|| {
+            invalid("the URI needs pin-source=file:/PATH (a file holding the user PIN)".into())
+        })?;
+        Ok(Self {
+            token,
+            serial,
+            id,
+            module_path,
+            pin_file,
+        })
+    }
+
+    /// The URI text.
+    pub fn to_uri(&self) -> String {
+        let mut s = format!("pkcs11:token={}", pct_encode(self.token.as_bytes(), b""));
+        if let Some(serial) = &self.serial {
+            s.push_str(&format!(";serial={}", pct_encode(serial.as_bytes(), b"")));
+        }
+        if let Some(id) = &self.id {
+            s.push_str(";id=");
+            for b in id {
+                s.push_str(&format!("%{b:02x}"));
+            }
+        }
+        s.push_str(";type=private");
+        s.push_str(&format!(
+            "?module-path={}&pin-source=file:{}",
+            pct_encode(self.module_path.as_os_str().as_encoded_bytes(), b"/"),
+            pct_encode(self.pin_file.as_os_str().as_encoded_bytes(), b"/")
+        ));
+        s
     }
 }
 
@@ -391,6 +644,42 @@ mod tests {
             }
         }
         assert_eq!(back.mqtt_url(), "mqtts://iot.example.com:8883");
+    }
+
+    #[test]
+    fn ca_key_refs() {
+        let dir = Path::new("/data");
+        assert_eq!(
+            CaKeyRef::parse("file:ca-key.pem", dir).unwrap(),
+            CaKeyRef::File(dir.join("ca-key.pem"))
+        );
+        let uri = "pkcs11:token=fleet%20ca;serial=abc123;id=%01%ff;type=private\
+                   ?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/pin%20file";
+        let CaKeyRef::Pkcs11(k) = CaKeyRef::parse(uri, dir).unwrap() else {
+            panic!("pkcs11 expected");
+        };
+        assert_eq!(k.token, "fleet ca");
+        assert_eq!(k.serial.as_deref(), Some("abc123"));
+        assert_eq!(k.id.as_deref(), Some(&[1u8, 0xff][..]));
+        assert_eq!(k.module_path, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(k.pin_file, Path::new("/etc/pin file"));
+        assert_eq!(Pkcs11KeyUri::parse(&k.to_uri()).unwrap(), k);
+        for bad in [
+            "pkcs11:token=a?module-path=/m.so&pin-value=1234",
+            "pkcs11:token=a?pin-source=file:/p",
+            "pkcs11:token=a?module-path=/m.so",
+            "pkcs11:serial=1?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a;type=public?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a;id=%zz?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a?module-path=/m.so&pin-source=pin.txt",
+            "tpm:/x",
+        ] {
+            assert!(CaKeyRef::parse(bad, dir).is_err(), "{bad}");
+        }
+        let err = CaKeyRef::parse("pkcs11:token=a?module-path=/m.so&pin-value=1234", dir)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("1234"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::ca::{Ca, CaError};
 use crate::config::{
-    is_hostname, ConfigError, ServerConfig, ADMIN_TOKEN_FILE, CA_CERT_FILE, CA_KEY_FILE,
+    is_hostname, CaKeyRef, ConfigError, ServerConfig, ADMIN_TOKEN_FILE, CA_CERT_FILE, CA_KEY_FILE,
     CONFIG_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE,
 };
 use crate::fsutil;
@@ -60,6 +60,9 @@ pub struct InitOptions {
     pub mqtt_listen: Option<SocketAddr>,
     /// Database URL (default sqlite in the data dir).
     pub db: Option<String>,
+    /// Where to make the CA key: `file:FILE` (default `file:ca-key.pem`) or a `pkcs11:` URI
+    /// naming a token, its module and PIN file (the key is generated on the token).
+    pub ca_key: Option<String>,
 }
 
 /// What `init` made.
@@ -106,12 +109,33 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     if let Some(db) = &opts.db {
         cfg.db = db.clone();
     }
+    if let Some(k) = &opts.ca_key {
+        cfg.ca_key = k.clone();
+    }
     cfg.validate()?;
+    let key_ref = cfg.ca_key_ref()?;
+    if let CaKeyRef::File(p) = &key_ref {
+        if p.exists() {
+            return Err(InitError::Exists(p.display().to_string()));
+        }
+    }
     let store = store::open(&cfg)?;
 
     let now = now_ms();
-    let ca = Ca::generate(&cfg.hostname, now)?;
-    ca.save(&cfg.path(CA_CERT_FILE), &cfg.path(CA_KEY_FILE))?;
+    let ca = match &key_ref {
+        CaKeyRef::File(key_path) => {
+            let ca = Ca::generate(&cfg.hostname, now)?;
+            ca.save(&cfg.path(CA_CERT_FILE), key_path)?;
+            ca
+        }
+        CaKeyRef::Pkcs11(uri) => {
+            let (ca, full) = Ca::generate_on_token(&cfg.hostname, now, uri)?;
+            // Record the exact key (token serial and CKA_ID) for `run`.
+            cfg.ca_key = full.to_uri();
+            ca.save(&cfg.path(CA_CERT_FILE), &cfg.path(CA_KEY_FILE))?;
+            ca
+        }
+    };
 
     let mut dns = Vec::new();
     let mut ips: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];
@@ -146,9 +170,17 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     .map_err(ioe(&admin_path))?;
 
     let config_path = cfg.path(CONFIG_FILE);
-    fsutil::write_new(&config_path, cfg.to_commented_toml().as_bytes(), 0o644)
+    // A database URL with a password makes the config a secret.
+    let has_password = store::postgres::redact_url(&cfg.db) != cfg.db;
+    let mode = if has_password { 0o600 } else { 0o644 };
+    fsutil::write_new(&config_path, cfg.to_commented_toml().as_bytes(), mode)
         .map_err(ioe(&config_path))?;
-    tracing::info!(data_dir = %data_dir.display(), ca_pin = %ca.pin(), "server initialised");
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        ca_pin = %ca.pin(),
+        ca_key = ca.key_kind(),
+        "server initialised"
+    );
     Ok(InitReport {
         ca_pin: ca.pin(),
         config: cfg,

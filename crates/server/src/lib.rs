@@ -10,6 +10,8 @@
 //! * [`api`]: the axum router: enrolment, renewal, admin API.
 //! * [`serve`]: the HTTPS listener (rustls, optional client certificates for renewal).
 //! * [`init`]: `devid-server init`.
+//! * [`ingest`]: MQTT 3.1.1/5 telemetry ingest over mutual TLS, durable acks, live revocation,
+//!   the messages API and metrics.
 //! * [`admin`]: the blocking HTTPS client the admin subcommands use.
 //!
 //! Invariants: no private key of a device is ever here; a certificate alone is never trusted
@@ -22,6 +24,7 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod csr;
+pub mod ingest;
 pub mod init;
 pub mod serve;
 pub mod store;

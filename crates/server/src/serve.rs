@@ -22,7 +22,7 @@ use tower::ServiceExt;
 
 use crate::api::{app, AppState, PeerInfo};
 use crate::ca::{Ca, CaError};
-use crate::config::{ServerConfig, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE};
+use crate::config::{ServerConfig, SERVER_CERT_FILE, SERVER_KEY_FILE};
 use crate::fsutil;
 use crate::store::{self, StoreError};
 
@@ -113,14 +113,16 @@ pub fn tls_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerConfi
 
 /// Load everything `run` needs from a config: CA, store, TLS config, router state.
 pub fn prepare(cfg: ServerConfig) -> Result<(AppState, Arc<rustls::ServerConfig>), ServeError> {
-    let ca = Ca::load(&cfg.path(CA_CERT_FILE), &cfg.path(CA_KEY_FILE))?;
+    let ca = Ca::open(&cfg)?;
     let tls = tls_config(&cfg, &ca)?;
     let store = store::open(&cfg)?;
+    let telemetry = crate::ingest::Telemetry::open(&cfg)?;
     Ok((
         AppState {
             store,
             ca: Arc::new(ca),
             config: Arc::new(cfg),
+            telemetry,
         },
         tls,
     ))
@@ -235,13 +237,30 @@ impl IntoResponseInfallible for Result<axum::response::Response, Infallible> {
 /// `devid-server run`: load the data dir, listen, serve until Ctrl-C or SIGTERM.
 pub async fn run(cfg: ServerConfig) -> Result<(), ServeError> {
     let (state, tls) = prepare(cfg)?;
+    // MQTT first: once the HTTPS port answers, both listeners are up.
+    let mqtt_tls = crate::ingest::tls::server_config(&state.config, &state.ca)?;
+    let mqtt = crate::ingest::bind(&state.config).await?;
     let listener = bind(&state.config).await?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: state.config.https_listen,
         source,
     })?;
+    if let Ok(mqtt_addr) = mqtt.local_addr() {
+        tracing::info!(addr = %mqtt_addr, "devid-server listening (MQTT over mutual TLS)");
+    }
     tracing::info!(%addr, ca_pin = %state.ca.pin(), "devid-server listening (HTTPS)");
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let ingest = tokio::spawn(crate::ingest::serve(
+        mqtt,
+        mqtt_tls,
+        state.clone(),
+        async move {
+            let _ = stopped.changed().await;
+        },
+    ));
     serve(listener, tls, state, shutdown_signal()).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), ingest).await;
     Ok(())
 }
 

@@ -57,6 +57,7 @@ async fn every_listed_route_is_really_served() {
         https_listen: None,
         mqtt_listen: None,
         db: None,
+        ca_key: None,
     })
     .unwrap();
     let (state, _tls) = prepare(report.config).unwrap();

@@ -5,6 +5,7 @@
 //! * [`proxy::RecordingProxy`]: a TCP proxy that forwards a swtpm's data and control ports
 //!   and records every byte of the data channel (the "bus" of THREATS.md T5).
 //! * [`softhsm`]: SoftHSMv2 tokens in a temp dir (module in its folder).
+//! * [`postgres::PgCluster`]: a throwaway PostgreSQL cluster on a free loopback port.
 //!
 //! Nothing here is a mock: each helper starts the real program and fails loudly when it is
 //! missing, naming the Debian package to install.
@@ -14,6 +15,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod postgres;
 pub mod proxy;
 pub mod server;
 pub mod softhsm;

@@ -14,10 +14,12 @@ pub struct Server {
     pub tmp: tempfile::TempDir,
     pub dir: PathBuf,
     pub port: u16,
+    pub mqtt_port: u16,
     pub url: String,
     pub pin: String,
     pub log: PathBuf,
     child: Child,
+    run_env: Vec<(String, std::ffi::OsString)>,
 }
 
 pub fn run(args: &[&str]) -> Output {
@@ -30,10 +32,32 @@ impl Server {
     }
 
     pub fn start_with(extra_init: &[&str]) -> Self {
+        Self::start_opts(extra_init, &[])
+    }
+
+    /// `init` with `extra_init` (e.g. `--db postgres://...`, `--ca-key pkcs11:...`) and `run`,
+    /// both with the extra environment `env` (e.g. `SOFTHSM2_CONF`).
+    pub fn start_opts(extra_init: &[&str], env: &[(String, std::ffi::OsString)]) -> Self {
+        Self::start_full(extra_init, env, "")
+    }
+
+    /// `init` with `extra_init`, then `extra_toml` (e.g. `mqtt.*` settings) appended to the
+    /// config, then `run`.
+    pub fn start_with_config(extra_init: &[&str], extra_toml: &str) -> Self {
+        Self::start_full(extra_init, &[], extra_toml)
+    }
+
+    fn start_full(
+        extra_init: &[&str],
+        env: &[(String, std::ffi::OsString)],
+        extra_toml: &str,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let port = devid_testkit::free_port();
         let listen = format!("127.0.0.1:{port}");
+        let mqtt_port = free_port_other_than(port);
+        let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
         let mut args = vec![
             "init",
             "--data-dir",
@@ -43,10 +67,14 @@ impl Server {
             "--https-listen",
             &listen,
             "--mqtt-listen",
-            "127.0.0.1:18883",
+            &mqtt_listen,
         ];
         args.extend_from_slice(extra_init);
-        let out = run(&args);
+        let out = Command::new(BIN)
+            .args(&args)
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -56,10 +84,48 @@ impl Server {
         let ca_der = pem_to_der(&std::fs::read_to_string(dir.join("ca.pem")).unwrap());
         let pin = hex::encode(Sha256::digest(&ca_der[0]));
         assert!(stdout.contains(&pin), "init prints the CA pin: {stdout}");
+        if !extra_toml.is_empty() {
+            set_config(&dir.join("devid-server.toml"), extra_toml);
+        }
+        Self::run_node(tmp, dir, port, mqtt_port, pin, env)
+    }
+
+    /// Another `devid-server run` node sharing this one's database (PostgreSQL): a copy of
+    /// the data dir (same CA, TLS files and admin token) listening on another port.
+    pub fn another_node(&self) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        devid_testkit::copy_tree(&self.dir, &dir);
+        let port = devid_testkit::free_port();
+        let mqtt_port = free_port_other_than(port);
+        let toml = std::fs::read_to_string(dir.join("devid-server.toml")).unwrap();
+        let toml = toml
+            .replace(self.dir_str(), dir.to_str().unwrap())
+            .replace(
+                &format!("\"127.0.0.1:{}\"", self.port),
+                &format!("\"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("\"127.0.0.1:{}\"", self.mqtt_port),
+                &format!("\"127.0.0.1:{mqtt_port}\""),
+            );
+        std::fs::write(dir.join("devid-server.toml"), toml).unwrap();
+        Self::run_node(tmp, dir, port, mqtt_port, self.pin.clone(), &[])
+    }
+
+    fn run_node(
+        tmp: tempfile::TempDir,
+        dir: PathBuf,
+        port: u16,
+        mqtt_port: u16,
+        pin: String,
+        env: &[(String, std::ffi::OsString)],
+    ) -> Self {
         let log = tmp.path().join("server.log");
         let child = Command::new(BIN)
             .args(["run", "--data-dir", dir.to_str().unwrap()])
             .env("RUST_LOG", "debug")
+            .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -74,10 +140,41 @@ impl Server {
             tmp,
             dir,
             port,
+            mqtt_port,
             pin,
             log,
             child,
+            run_env: env.to_vec(),
         }
+    }
+
+    /// `kill -9` the server: no shutdown path of any kind runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// `run` again on the same data dir and ports (after `kill9`), log appended.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = Command::new(BIN)
+            .args(["run", "--data-dir", self.dir.to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .envs(self.run_env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        assert!(
+            devid_testkit::wait_for_port(self.port, Duration::from_secs(20)),
+            "server did not listen again: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     pub fn dir_str(&self) -> &str {
@@ -137,6 +234,44 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Set `key = value` lines of `settings` in the config file: an existing line of the same key
+/// is replaced, a new key is appended.
+pub fn set_config(path: &Path, settings: &str) {
+    let mut text = std::fs::read_to_string(path).unwrap();
+    for line in settings.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let key = line.split('=').next().unwrap().trim();
+        let mut found = false;
+        text = text
+            .lines()
+            .map(|l| {
+                if l.split('=').next().map(str::trim) == Some(key) && !l.starts_with('#') {
+                    found = true;
+                    line.to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        if !found {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// A free loopback port that is not `other`.
+pub fn free_port_other_than(other: u16) -> u16 {
+    loop {
+        let p = devid_testkit::free_port();
+        if p != other {
+            return p;
+        }
     }
 }
 

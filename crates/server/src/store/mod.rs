@@ -1,5 +1,6 @@
 //! Storage: the device registry, enrolment tokens, admin credentials and the append-only audit
-//! log, behind the [`Store`] trait so SQLite (here) and PostgreSQL (next) share one contract.
+//! log, behind the [`Store`] trait so SQLite ([`sqlite`]) and PostgreSQL ([`postgres`]) share one
+//! contract.
 //!
 //! Methods are blocking; async callers use `spawn_blocking`. Operations that must be atomic
 //! (enrolment, renewal, state changes) are single methods that run in one transaction and
@@ -12,6 +13,10 @@ use devid_proto::{AuditEntry, DeviceId, DeviceInfo, DeviceState};
 use crate::ca::{CaError, IssuedCert};
 use crate::timeutil::rfc3339;
 
+pub mod messages;
+pub mod messages_sqlite;
+pub mod postgres;
+pub mod postgres_messages;
 pub mod sqlite;
 
 /// Storage failures (not refusals: those are [`Refusal`]).
@@ -263,10 +268,9 @@ pub fn open(cfg: &crate::config::ServerConfig) -> Result<std::sync::Arc<dyn Stor
         Ok(crate::config::DbLocation::Sqlite(path)) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(&path)?))
         }
-        Ok(crate::config::DbLocation::Postgres(_)) => Err(StoreError::Db {
-            operation: "open",
-            detail: "PostgreSQL is not supported by this build yet; use sqlite:FILE".into(),
-        }),
+        Ok(crate::config::DbLocation::Postgres(url)) => {
+            Ok(std::sync::Arc::new(postgres::PostgresStore::open(&url)?))
+        }
         Err(e) => Err(StoreError::Db {
             operation: "open",
             detail: e.to_string(),

@@ -1,0 +1,175 @@
+//! Certificate renewal: at a fraction of the certificate's lifetime (2/3 by default) the
+//! agent asks the server for a new certificate over mutual TLS (`POST /v1/renew`, the TLS
+//! signature and the CSR signature made in the keystore), checks the answer, and seals the
+//! new chain into the bundle with one atomic write ([`devid_vault::Vault::store`]).
+//!
+//! The key stays the same. Rotating the key at renewal (a new key in the TPM or token, CSR
+//! signed by it, old key deleted once the new certificate is sealed) is a TODO: it needs a
+//! keystore operation to create a second key and switch to it atomically.
+
+use devid_keystore::{spki_der, Keystore};
+use devid_vault::Vault;
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::*;
+
+/// Serial and validity of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial, hex.
+    pub serial: String,
+    /// Not before, unix seconds.
+    pub not_before: i64,
+    /// Not after, unix seconds.
+    pub not_after: i64,
+}
+
+/// Errors of renewal. Never contain a key, token or certificate body.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewError {
+    /// Renewal is impossible with what the bundle holds.
+    #[error("renewal not possible: {0}")]
+    NotConfigured(String),
+    /// The server or the network failed.
+    #[error(transparent)]
+    Enroll(#[from] devid_enroll::EnrollError),
+    /// The returned chain is not acceptable.
+    #[error("the renewed certificate was refused: {0}")]
+    BadChain(String),
+    /// The bundle could not be read or written.
+    #[error(transparent)]
+    Vault(#[from] devid_vault::VaultError),
+}
+
+/// Serial and validity of the first certificate of a PEM chain.
+pub fn cert_info(chain_pem: &str) -> Option<CertInfo> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(CertInfo {
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// When to renew: `start + fraction · (not_after - start)`, where `start` is the
+/// certificate's not-before, or the moment this agent obtained it when that is later.
+///
+/// Servers backdate not-before for clock skew (devid-server: 5 minutes). For a short-lived
+/// certificate that backdating can be most of its life, and counting from not-before alone
+/// would make a freshly renewed certificate "due" at once, renewing in a loop.
+pub fn renew_at(info: &CertInfo, fraction: f64, obtained: Option<i64>) -> i64 {
+    let start = obtained.map_or(info.not_before, |o| o.max(info.not_before));
+    let life = (info.not_after - start).max(0) as f64;
+    start + (life * fraction.clamp(0.0, 1.0)) as i64
+}
+
+/// Check a chain returned by the server: the leaf carries our public key and
+/// `urn:devid:<id>`, and is signed by the CA whose certificate hashes to `pin`.
+pub fn check_chain(
+    chain_pem: &str,
+    pin: &str,
+    device_id: &str,
+    ks: &dyn Keystore,
+) -> Result<(), RenewError> {
+    let bad = |s: &str| RenewError::BadChain(s.to_string());
+    let pems: Vec<x509_parser::pem::Pem> =
+        x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad("unparsable PEM"))?;
+    let leaf_pem = pems.first().ok_or_else(|| bad("empty chain"))?;
+    let ca_pem = pems
+        .iter()
+        .find(|p| hex::encode(Sha256::digest(&p.contents)) == pin)
+        .ok_or_else(|| bad("the chain does not contain the pinned CA certificate"))?;
+    let (_, leaf) =
+        parse_x509_certificate(&leaf_pem.contents).map_err(|_| bad("leaf does not parse"))?;
+    let (_, ca) = parse_x509_certificate(&ca_pem.contents).map_err(|_| bad("CA does not parse"))?;
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| bad("the leaf is not signed by the pinned CA"))?;
+    if leaf.public_key().raw != spki_der(&ks.public_key()).as_slice() {
+        return Err(bad(
+            "the server certified another public key than this device's",
+        ));
+    }
+    let expected = format!("urn:devid:{device_id}");
+    let named = leaf
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, GeneralName::URI(u) if *u == expected))
+        });
+    if !named {
+        return Err(bad("the certificate does not name this device"));
+    }
+    Ok(())
+}
+
+/// Renew once (blocking: network and keystore). Returns the new chain, already sealed.
+pub fn renew_blocking(vault: &Vault, device_id: &str) -> Result<String, RenewError> {
+    let mut contents = vault.load()?;
+    let server = contents
+        .server_url
+        .clone()
+        .ok_or_else(|| RenewError::NotConfigured("no server URL in the bundle".into()))?;
+    let pin = contents
+        .ca_pin
+        .clone()
+        .ok_or_else(|| RenewError::NotConfigured("no CA pin in the bundle".into()))?;
+    let chain = contents
+        .cert_chain_pem
+        .clone()
+        .ok_or_else(|| RenewError::NotConfigured("no certificate in the bundle".into()))?;
+    let ks = vault.keystore().clone();
+    // TODO(key rotation): create a new key in the keystore here and sign the CSR with it.
+    let csr = devid_enroll::build_csr_with_keystore(ks.as_ref(), Some(device_id))?;
+    let resp = devid_enroll::renew(&server, &pin, &chain, ks.clone(), &csr)?;
+    if resp.device_id != device_id {
+        return Err(RenewError::BadChain(
+            "the server answered for another device id".into(),
+        ));
+    }
+    check_chain(&resp.certificate_chain, &pin, device_id, ks.as_ref())?;
+    contents.cert_chain_pem = Some(resp.certificate_chain.clone());
+    if contents.mqtt_url.as_deref() != Some(resp.mqtt_url.as_str()) {
+        tracing::info!(
+            "the server announced another MQTT endpoint at renewal; keeping the sealed one until \
+             the next start"
+        );
+    }
+    vault.store(&contents)?;
+    Ok(resp.certificate_chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_time() {
+        let i = CertInfo {
+            serial: "01".into(),
+            not_before: 1000,
+            not_after: 1000 + 3 * 86_400,
+        };
+        assert_eq!(renew_at(&i, 2.0 / 3.0, None), 1000 + 2 * 86_400);
+        assert_eq!(renew_at(&i, 0.0, None), 1000);
+        assert_eq!(renew_at(&i, 7.0, None), i.not_after);
+        // a 2-minute certificate backdated by 5 minutes, just obtained
+        let short = CertInfo {
+            serial: "02".into(),
+            not_before: 10_000 - 300,
+            not_after: 10_000 + 120,
+        };
+        assert!(
+            renew_at(&short, 0.5, None) < 10_000,
+            "due at once by not-before alone"
+        );
+        assert_eq!(renew_at(&short, 0.5, Some(10_000)), 10_060);
+        assert_eq!(renew_at(&i, 0.5, Some(0)), renew_at(&i, 0.5, None));
+    }
+}

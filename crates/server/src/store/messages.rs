@@ -1,0 +1,131 @@
+//! Telemetry message storage behind the [`MessageStore`] trait, so SQLite
+//! ([`super::messages_sqlite`]) and PostgreSQL (next) share one contract.
+//!
+//! The contract that makes acknowledgements honest: [`MessageStore::append_batch`] returns only
+//! once every row of the batch is durably committed (one transaction, synced to disk). The
+//! ingest's group-commit writer calls it with many messages at once and releases their PUBACKs
+//! only afterwards. A message that carries an idempotency key (`msg-id`) is stored at most once
+//! per device: a redelivery is reported as [`Appended::Duplicate`] and still acknowledged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use devid_mqtt::{ByteString, Bytes};
+use devid_proto::DeviceId;
+
+use super::StoreError;
+
+/// A message to append. Cheap to build from a decoded PUBLISH: topic and payload share the
+/// receive buffer.
+#[derive(Clone)]
+pub struct NewMessage {
+    /// The device that sent it (from its certificate).
+    pub device_id: Arc<str>,
+    /// Topic name.
+    pub topic: ByteString,
+    /// Payload bytes (never logged).
+    pub payload: Bytes,
+    /// QoS it was published with (0 or 1).
+    pub qos: u8,
+    /// Idempotency key (MQTT 5 user property `msg-id`).
+    pub msg_id: Option<ByteString>,
+    /// When the server received it, ms since the epoch.
+    pub received_ms: i64,
+}
+
+impl fmt::Debug for NewMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewMessage")
+            .field("device_id", &self.device_id)
+            .field("topic", &self.topic)
+            .field("payload_len", &self.payload.len())
+            .field("qos", &self.qos)
+            .field("msg_id", &self.msg_id)
+            .finish()
+    }
+}
+
+/// What happened to one appended message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored with this row id.
+    Stored(i64),
+    /// Its (device, msg-id) was stored before: nothing new was written.
+    Duplicate,
+}
+
+/// A stored message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Row id, increasing with arrival.
+    pub id: i64,
+    /// Device id.
+    pub device_id: String,
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS.
+    pub qos: u8,
+    /// Idempotency key, if the device sent one.
+    pub msg_id: Option<String>,
+    /// Receive time, ms since the epoch.
+    pub received_ms: i64,
+}
+
+impl fmt::Debug for StoredMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredMessage")
+            .field("id", &self.id)
+            .field("device_id", &self.device_id)
+            .field("topic", &self.topic)
+            .field("payload_len", &self.payload.len())
+            .field("qos", &self.qos)
+            .field("msg_id", &self.msg_id)
+            .finish()
+    }
+}
+
+/// Durable telemetry storage. Methods are blocking.
+pub trait MessageStore: Send + Sync + fmt::Debug {
+    /// Append `batch` in ONE transaction and return only once it is durably committed (SQLite:
+    /// WAL + `synchronous = FULL`). Rows whose (device, msg-id) exists already are skipped
+    /// (`INSERT OR IGNORE` on a unique index) and reported as [`Appended::Duplicate`]. The
+    /// result has one entry per input, in order. On error nothing of the batch is stored.
+    fn append_batch(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError>;
+
+    /// Messages of `device`, oldest first. With `since` (a row id): the first `limit` rows
+    /// after it; without: the newest `limit` rows.
+    fn list(
+        &self,
+        device: &DeviceId,
+        since: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+}
+
+/// Open the message store for a config: the SQLite database of the data dir (same file as the
+/// registry, its own connections). With a PostgreSQL registry, messages go to
+/// `DATA_DIR/messages.db` until the PostgreSQL `MessageStore` lands (TODO: implement
+/// `MessageStore` for `postgres::PostgresStore` with `INSERT ... ON CONFLICT DO NOTHING` and one
+/// transaction per batch; then several nodes share it).
+pub fn open(cfg: &crate::config::ServerConfig) -> Result<Arc<dyn MessageStore>, StoreError> {
+    match cfg.db_location() {
+        Ok(crate::config::DbLocation::Sqlite(path)) => Ok(Arc::new(
+            super::messages_sqlite::SqliteMessageStore::open(&path)?,
+        )),
+        Ok(crate::config::DbLocation::Postgres(_)) => {
+            tracing::warn!(
+                "message storage on PostgreSQL is not implemented yet: telemetry is stored in \
+                 DATA_DIR/messages.db on this node"
+            );
+            Ok(Arc::new(super::messages_sqlite::SqliteMessageStore::open(
+                &cfg.path("messages.db"),
+            )?))
+        }
+        Err(e) => Err(StoreError::Db {
+            operation: "open message store",
+            detail: e.to_string(),
+        }),
+    }
+}

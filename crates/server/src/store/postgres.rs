@@ -1,0 +1,807 @@
+//! The PostgreSQL backend: the same tables, triggers and guarantees as the SQLite backend, for
+//! one or several server nodes sharing one database.
+//!
+//! * Connections come from a small [`r2d2`] pool of synchronous [`postgres`] clients; the
+//!   [`Store`] methods block, and the HTTPS handlers call them through `spawn_blocking`. Each
+//!   client drives its socket with a small runtime of its own, which cannot run on an async
+//!   executor thread: [`PostgresStore::open`] connects on a plain thread of its own, so it is
+//!   safe anywhere (`devid-server run` opens the store inside its runtime), but the methods
+//!   must run outside the executor (`spawn_blocking` or a dedicated thread): on an executor
+//!   thread they panic.
+//! * The schema is versioned: [`MIGRATIONS`] are applied in order at every start, each in its
+//!   own transaction, under a transaction-scoped advisory lock ([`MIGRATION_LOCK`]) so nodes
+//!   starting at once migrate one after the other; the version lives in `meta`, key
+//!   `schema_version`, as in SQLite.
+//! * A token is consumed by `UPDATE ... WHERE used_at IS NULL AND expires_at > now RETURNING`
+//!   after its row was locked (`SELECT ... FOR UPDATE`): of two nodes racing for one token,
+//!   exactly one gets the row back. Changes to one device (enrolment, renewal, state) are
+//!   serialised across nodes by a transaction-scoped advisory lock on the device id, so the
+//!   checks done in the transaction still hold when it writes.
+//! * Triggers make the audit log append-only (UPDATE, DELETE and TRUNCATE are refused) and
+//!   revocation permanent (a revoked row can neither change state nor be deleted).
+//! * The connection URL's password never reaches a log line or an error: see [`redact_url`].
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use devid_proto::{AuditEntry, DeviceId, DeviceState};
+use r2d2_postgres::postgres::{self, GenericClient, NoTls, Row, Transaction};
+use r2d2_postgres::{r2d2, PostgresConnectionManager};
+
+use super::{
+    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal, Store,
+    StoreError,
+};
+use crate::ca::IssuedCert;
+use crate::timeutil::rfc3339;
+
+/// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
+pub const MIGRATION_LOCK: i64 = 0x64_6576_6964;
+
+/// Connections in the pool.
+const POOL_SIZE: u32 = 8;
+/// How long a request waits for a free connection or for the server to answer a connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The schema, one migration per version (index 0 is version 1). Never edit a released
+/// migration: add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE IF NOT EXISTS admin_credentials (
+    token_hash TEXT PRIMARY KEY,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    device_id  TEXT,
+    policy     TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at    BIGINT,
+    used_by    TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id              TEXT PRIMARY KEY,
+    state           TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'revoked')),
+    cert_serial     TEXT NOT NULL,
+    cert_not_after  BIGINT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    policy          TEXT NOT NULL,
+    created_at      BIGINT NOT NULL,
+    enrolled_at     BIGINT NOT NULL,
+    last_seen       BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id        BIGSERIAL PRIMARY KEY,
+    time      BIGINT NOT NULL,
+    actor     TEXT NOT NULL,
+    device_id TEXT,
+    action    TEXT NOT NULL,
+    outcome   TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    source    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_device ON audit (device_id, id);
+
+CREATE OR REPLACE FUNCTION devid_audit_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only';
+    END $$;
+DROP TRIGGER IF EXISTS audit_no_update_delete ON audit;
+CREATE TRIGGER audit_no_update_delete BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION devid_audit_append_only();
+DROP TRIGGER IF EXISTS audit_no_truncate ON audit;
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION devid_audit_append_only();
+
+CREATE OR REPLACE FUNCTION devid_revoked_is_permanent() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'revocation is permanent';
+    END $$;
+DROP TRIGGER IF EXISTS revoked_is_permanent ON devices;
+CREATE TRIGGER revoked_is_permanent BEFORE UPDATE OF state ON devices
+    FOR EACH ROW WHEN (OLD.state = 'revoked' AND NEW.state <> 'revoked')
+    EXECUTE FUNCTION devid_revoked_is_permanent();
+DROP TRIGGER IF EXISTS revoked_not_deleted ON devices;
+CREATE TRIGGER revoked_not_deleted BEFORE DELETE ON devices
+    FOR EACH ROW WHEN (OLD.state = 'revoked')
+    EXECUTE FUNCTION devid_revoked_is_permanent();
+"#,
+    // 2: telemetry messages (see postgres_messages.rs); (device_id, msg_id) unique where a
+    // msg-id exists, so a redelivered idempotent message is stored once.
+    r#"
+CREATE TABLE IF NOT EXISTS messages (
+    id          BIGSERIAL PRIMARY KEY,
+    device_id   TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    payload     BYTEA NOT NULL,
+    qos         SMALLINT NOT NULL,
+    msg_id      TEXT,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_device ON messages (device_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
+    ON messages (device_id, msg_id) WHERE msg_id IS NOT NULL;
+"#,
+];
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A registry in a PostgreSQL database, shareable by several server nodes.
+pub struct PostgresStore {
+    pool: Pool,
+    /// The URL with its password replaced, for messages.
+    shown: String,
+    /// The password, to scrub from driver messages (defence in depth: the driver does not
+    /// quote it today).
+    password: Option<zeroize::Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with the password (userinfo `user:PASSWORD@` or a `password=` query parameter)
+/// replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.find(':') {
+                Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
+                None => authority.to_owned(),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+/// The driver's words with the cause chain, the password scrubbed.
+fn detail(e: &dyn std::error::Error, password: Option<&str>) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    match password {
+        Some(p) if !p.is_empty() => s.replace(p, "***"),
+        _ => s,
+    }
+}
+
+const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
+                              created_at, enrolled_at, last_seen";
+
+fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
+    let bad = |e: postgres::Error| StoreError::Corrupt {
+        what: "device row",
+        detail: e.to_string(),
+    };
+    let id: String = row.try_get(0).map_err(bad)?;
+    let state: String = row.try_get(1).map_err(bad)?;
+    Ok(DeviceRecord {
+        id: DeviceId::parse(&id).map_err(|e| StoreError::Corrupt {
+            what: "device id",
+            detail: e.to_string(),
+        })?,
+        state: state.parse().map_err(|e: String| StoreError::Corrupt {
+            what: "device state",
+            detail: e,
+        })?,
+        cert_serial: row.try_get(2).map_err(bad)?,
+        cert_not_after_ms: row.try_get(3).map_err(bad)?,
+        key_fingerprint: row.try_get(4).map_err(bad)?,
+        policy: row.try_get(5).map_err(bad)?,
+        created_at_ms: row.try_get(6).map_err(bad)?,
+        enrolled_at_ms: row.try_get(7).map_err(bad)?,
+        last_seen_ms: row.try_get(8).map_err(bad)?,
+    })
+}
+
+impl PostgresStore {
+    /// Connect to the database at `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`), bring its
+    /// schema up to date (under [`MIGRATION_LOCK`]) and open a pool of connections. Safe to call
+    /// from async code (it blocks the caller until connected).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        std::thread::scope(|s| s.spawn(|| Self::open_on_this_thread(url)).join()).unwrap_or_else(
+            |_| {
+                Err(StoreError::Db {
+                    operation: "connect",
+                    detail: "the connecting thread panicked; see the log".into(),
+                })
+            },
+        )
+    }
+
+    fn open_on_this_thread(url: &str) -> Result<Self, StoreError> {
+        let shown = redact_url(url);
+        let mut config = postgres::Config::from_str(url).map_err(|e| StoreError::Db {
+            operation: "parse the database URL",
+            detail: format!("{shown}: {}", detail(&e, None)),
+        })?;
+        let password = config
+            .get_password()
+            .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned()));
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("devid-server");
+        }
+        let this_pw = password.as_ref().map(|p| p.as_str());
+        let fail = |operation: &'static str| {
+            let shown = shown.clone();
+            move |e: postgres::Error| StoreError::Db {
+                operation,
+                detail: format!("{shown}: {}", detail(&e, this_pw)),
+            }
+        };
+        // One direct connection first: a wrong URL or password fails now, clearly, instead of
+        // after the pool's timeout.
+        let mut client = config.connect(NoTls).map_err(fail("connect"))?;
+        let version = migrate(&mut client).map_err(fail("migrate the schema"))?;
+        drop(client);
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        tracing::info!(db = %shown, schema_version = version, "PostgreSQL store ready");
+        Ok(Self {
+            pool,
+            shown,
+            password,
+        })
+    }
+
+    /// The URL this store was opened with, password redacted.
+    pub fn url_redacted(&self) -> &str {
+        &self.shown
+    }
+
+    pub(super) fn conn(
+        &self,
+    ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
+        self.pool.get().map_err(|e| StoreError::Db {
+            operation: "get a connection",
+            detail: format!(
+                "{}: {}; is the database reachable?",
+                self.shown,
+                detail(&e, self.pw())
+            ),
+        })
+    }
+
+    fn pw(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.as_str())
+    }
+
+    pub(super) fn db(
+        &self,
+        operation: &'static str,
+    ) -> impl Fn(postgres::Error) -> StoreError + '_ {
+        move |e| StoreError::Db {
+            operation,
+            detail: detail(&e, self.pw()),
+        }
+    }
+
+    fn load_device(
+        &self,
+        c: &mut impl GenericClient,
+        id: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        c.query_opt(
+            &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"),
+            &[&id],
+        )
+        .map_err(self.db("read device"))?
+        .as_ref()
+        .map(to_record)
+        .transpose()
+    }
+
+    fn insert_audit(
+        &self,
+        c: &mut impl GenericClient,
+        row: &NewAudit<'_>,
+    ) -> Result<(), StoreError> {
+        c.execute(
+            "INSERT INTO audit (time, actor, device_id, action, outcome, detail, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &row.ctx.now_ms,
+                &row.ctx.actor,
+                &row.device_id,
+                &row.action,
+                &row.outcome,
+                &row.detail,
+                &row.ctx.source,
+            ],
+        )
+        .map_err(self.db("append audit"))?;
+        Ok(())
+    }
+
+    /// Serialise every change to one device across transactions and nodes.
+    fn lock_device(&self, tx: &mut Transaction<'_>, id: &str) -> Result<(), StoreError> {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('devid-device:' || $1))",
+            &[&id],
+        )
+        .map_err(self.db("lock device"))?;
+        Ok(())
+    }
+
+    /// Record a refusal's audit row in the transaction (which wrote nothing else) and commit.
+    fn finish_refusal<T>(
+        &self,
+        mut tx: Transaction<'_>,
+        ctx: &AuditCtx,
+        action: &str,
+        device: Option<&str>,
+        why: Refusal,
+    ) -> Outcome<T> {
+        self.insert_audit(
+            &mut tx,
+            &NewAudit {
+                ctx,
+                device_id: device,
+                action,
+                outcome: "refused",
+                detail: why.code(),
+            },
+        )?;
+        tx.commit().map_err(self.db("commit"))?;
+        Ok(Err(why))
+    }
+}
+
+/// Apply the migrations the database lacks; returns the schema version.
+fn migrate(client: &mut postgres::Client) -> Result<i64, postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    )?;
+    let current: i64 = tx
+        .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])?
+        .and_then(|r| r.get::<_, String>(0).parse().ok())
+        .unwrap_or(0);
+    let mut version = current;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let v = i64::try_from(i).unwrap_or(i64::MAX - 1) + 1;
+        if v <= current {
+            continue;
+        }
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&v.to_string()],
+        )?;
+        tracing::info!(schema_version = v, "applied database migration");
+        version = v;
+    }
+    tx.commit()?;
+    Ok(version)
+}
+
+impl Store for PostgresStore {
+    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn()?
+            .execute(
+                "INSERT INTO admin_credentials (token_hash, created_at) VALUES ($1, $2)",
+                &[&hash, &now_ms],
+            )
+            .map_err(self.db("add admin credential"))?;
+        Ok(())
+    }
+
+    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT 1 FROM admin_credentials WHERE token_hash = $1",
+                &[&hash],
+            )
+            .map_err(self.db("check admin credential"))?;
+        Ok(row.is_some())
+    }
+
+    fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        let device = token.device_id.as_ref().map(|d| d.as_str());
+        tx.execute(
+            "INSERT INTO enrollment_tokens (token_hash, device_id, policy, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &token.hash,
+                &device,
+                &token.policy,
+                &ctx.now_ms,
+                &token.expires_at_ms,
+            ],
+        )
+        .map_err(self.db("create token"))?;
+        let detail = format!(
+            "policy={} expires={}",
+            token.policy,
+            rfc3339(token.expires_at_ms)
+        );
+        self.insert_audit(
+            &mut tx,
+            &NewAudit {
+                ctx,
+                device_id: device,
+                action: "token.create",
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        tx.commit().map_err(self.db("commit"))
+    }
+
+    fn enroll(
+        &self,
+        a: &EnrollAttempt<'_>,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)> {
+        let now = a.ctx.now_ms;
+        let requested = a.requested_id.map(|d| d.as_str());
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        // Lock the token's row: a concurrent enrolment with the same token waits here and
+        // then sees it used.
+        let token = tx
+            .query_opt(
+                "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
+                 WHERE token_hash = $1 FOR UPDATE",
+                &[&a.token_hash],
+            )
+            .map_err(self.db("read token"))?;
+        let token = match token {
+            None => {
+                return self.finish_refusal(tx, a.ctx, "enroll", requested, Refusal::TokenUnknown)
+            }
+            Some(row) => {
+                let bound: Option<String> = row.try_get(0).map_err(self.db("read token"))?;
+                let policy: String = row.try_get(1).map_err(self.db("read token"))?;
+                let expires: i64 = row.try_get(2).map_err(self.db("read token"))?;
+                let used: Option<i64> = row.try_get(3).map_err(self.db("read token"))?;
+                (bound, policy, expires, used)
+            }
+        };
+        let (bound, policy) = match token {
+            (bound, _, _, Some(_)) => {
+                let dev = bound.as_deref().or(requested);
+                return self.finish_refusal(tx, a.ctx, "enroll", dev, Refusal::TokenUsed);
+            }
+            (bound, _, expires, None) if expires <= now => {
+                let dev = bound.as_deref().or(requested);
+                return self.finish_refusal(tx, a.ctx, "enroll", dev, Refusal::TokenExpired);
+            }
+            (bound, policy, _, None) => (bound, policy),
+        };
+        let id = match (&bound, a.requested_id) {
+            (Some(b), Some(r)) if b != r.as_str() => {
+                let b = b.clone();
+                return self.finish_refusal(
+                    tx,
+                    a.ctx,
+                    "enroll",
+                    Some(&b),
+                    Refusal::TokenBoundToOther,
+                );
+            }
+            (Some(b), _) => DeviceId::parse(b).map_err(|e| StoreError::Corrupt {
+                what: "token device id",
+                detail: e.to_string(),
+            })?,
+            (None, Some(r)) => r.clone(),
+            (None, None) => DeviceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|e| {
+                StoreError::Corrupt {
+                    what: "generated device id",
+                    detail: e.to_string(),
+                }
+            })?,
+        };
+        self.lock_device(&mut tx, id.as_str())?;
+        let existing = self.load_device(&mut tx, id.as_str())?;
+        let refusal = match existing.as_ref().map(|d| d.state) {
+            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
+            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
+            Some(DeviceState::Active) if bound.is_none() => Some(Refusal::DeviceExists),
+            _ => None,
+        };
+        if let Some(r) = refusal {
+            return self.finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), r);
+        }
+        let consumed = tx
+            .query_opt(
+                "UPDATE enrollment_tokens SET used_at = $1, used_by = $2 \
+                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+                 RETURNING token_hash",
+                &[&now, &id.as_str(), &a.token_hash],
+            )
+            .map_err(self.db("consume token"))?;
+        if consumed.is_none() {
+            return self.finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), Refusal::TokenUsed);
+        }
+        let cert = issue(&id)?;
+        let written = tx
+            .execute(
+                "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
+                 policy, created_at, enrolled_at, last_seen) \
+                 VALUES ($1, 'active', $2, $3, $4, $5, $6, $6, $6) \
+                 ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
+                 cert_not_after = excluded.cert_not_after, \
+                 key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
+                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen \
+                 WHERE devices.state = 'active'",
+                &[
+                    &id.as_str(),
+                    &cert.serial_hex,
+                    &cert.not_after_ms,
+                    &a.key_fingerprint,
+                    &policy,
+                    &now,
+                ],
+            )
+            .map_err(self.db("record device"))?;
+        if written != 1 {
+            // Cannot happen under the device lock; never hand out a certificate unrecorded.
+            return Err(StoreError::Corrupt {
+                what: "device",
+                detail: "the device row changed during the enrolment; nothing was stored".into(),
+            });
+        }
+        let detail = format!(
+            "serial={} policy={} key={}{}",
+            cert.serial_hex,
+            policy,
+            a.key_fingerprint,
+            if existing.is_some() {
+                " re-enrolment"
+            } else {
+                ""
+            }
+        );
+        self.insert_audit(
+            &mut tx,
+            &NewAudit {
+                ctx: a.ctx,
+                device_id: Some(id.as_str()),
+                action: "enroll",
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        let record = self
+            .load_device(&mut tx, id.as_str())?
+            .ok_or(StoreError::Corrupt {
+                what: "device",
+                detail: "row missing right after insert".into(),
+            })?;
+        tx.commit().map_err(self.db("commit"))?;
+        Ok(Ok((record, cert)))
+    }
+
+    fn renew(
+        &self,
+        id: &DeviceId,
+        key_fingerprint: &str,
+        ctx: &AuditCtx,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        self.lock_device(&mut tx, id.as_str())?;
+        let refusal = match self.load_device(&mut tx, id.as_str())?.map(|d| d.state) {
+            None => Some(Refusal::DeviceUnknown),
+            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
+            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
+            Some(DeviceState::Active) => None,
+        };
+        if let Some(r) = refusal {
+            return self.finish_refusal(tx, ctx, "renew", Some(id.as_str()), r);
+        }
+        let cert = issue(id)?;
+        let written = tx
+            .execute(
+                "UPDATE devices SET cert_serial = $1, cert_not_after = $2, key_fingerprint = $3, \
+                 last_seen = $4 WHERE id = $5 AND state = 'active'",
+                &[
+                    &cert.serial_hex,
+                    &cert.not_after_ms,
+                    &key_fingerprint,
+                    &ctx.now_ms,
+                    &id.as_str(),
+                ],
+            )
+            .map_err(self.db("record renewal"))?;
+        if written != 1 {
+            return Err(StoreError::Corrupt {
+                what: "device",
+                detail: "the device row changed during the renewal; nothing was stored".into(),
+            });
+        }
+        let detail = format!("serial={} key={}", cert.serial_hex, key_fingerprint);
+        self.insert_audit(
+            &mut tx,
+            &NewAudit {
+                ctx,
+                device_id: Some(id.as_str()),
+                action: "renew",
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        let record = self
+            .load_device(&mut tx, id.as_str())?
+            .ok_or(StoreError::Corrupt {
+                what: "device",
+                detail: "row missing right after update".into(),
+            })?;
+        tx.commit().map_err(self.db("commit"))?;
+        Ok(Ok((record, cert)))
+    }
+
+    fn set_state(
+        &self,
+        id: &DeviceId,
+        target: DeviceState,
+        ctx: &AuditCtx,
+    ) -> Outcome<DeviceRecord> {
+        let action = match target {
+            DeviceState::Active => "device.resume",
+            DeviceState::Suspended => "device.suspend",
+            DeviceState::Revoked => "device.revoke",
+        };
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        self.lock_device(&mut tx, id.as_str())?;
+        let current = match self.load_device(&mut tx, id.as_str())? {
+            None => {
+                return self.finish_refusal(
+                    tx,
+                    ctx,
+                    action,
+                    Some(id.as_str()),
+                    Refusal::DeviceUnknown,
+                )
+            }
+            Some(d) => d.state,
+        };
+        if current == DeviceState::Revoked && target != DeviceState::Revoked {
+            return self.finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceRevoked);
+        }
+        tx.execute(
+            "UPDATE devices SET state = $1 WHERE id = $2",
+            &[&target.as_str(), &id.as_str()],
+        )
+        .map_err(self.db("change device state"))?;
+        let detail = format!("{current} -> {target}");
+        self.insert_audit(
+            &mut tx,
+            &NewAudit {
+                ctx,
+                device_id: Some(id.as_str()),
+                action,
+                outcome: "ok",
+                detail: &detail,
+            },
+        )?;
+        let record = self
+            .load_device(&mut tx, id.as_str())?
+            .ok_or(StoreError::Corrupt {
+                what: "device",
+                detail: "row missing right after update".into(),
+            })?;
+        tx.commit().map_err(self.db("commit"))?;
+        Ok(Ok(record))
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let mut conn = self.conn()?;
+        self.load_device(&mut *conn, id.as_str())
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"),
+                &[],
+            )
+            .map_err(self.db("list devices"))?;
+        rows.iter().map(to_record).collect()
+    }
+
+    fn append_audit(&self, row: &NewAudit<'_>) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        self.insert_audit(&mut *conn, row)
+    }
+
+    fn audit_log(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT id, time, actor, device_id, action, outcome, detail, source FROM audit \
+                 WHERE ($1::TEXT IS NULL OR device_id = $1) ORDER BY id DESC LIMIT $2",
+                &[&device, &i64::from(limit)],
+            )
+            .map_err(self.db("read audit"))?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    time: rfc3339(r.try_get(1)?),
+                    actor: r.try_get(2)?,
+                    device_id: r.try_get(3)?,
+                    action: r.try_get(4)?,
+                    outcome: r.try_get(5)?,
+                    detail: r.try_get(6)?,
+                    source: r.try_get(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(self.db("read audit"))?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://devid:s3cr%40t@db.example:5432/devid"),
+            "postgres://devid:***@db.example:5432/devid"
+        );
+        assert_eq!(
+            redact_url("postgresql://u:p@h/d?sslmode=disable&password=x&application_name=a"),
+            "postgresql://u:***@h/d?sslmode=disable&password=***&application_name=a"
+        );
+        assert_eq!(
+            redact_url("postgres://devid@127.0.0.1:5433/devid"),
+            "postgres://devid@127.0.0.1:5433/devid"
+        );
+        assert_eq!(redact_url("postgres://h"), "postgres://h");
+        // '@' inside the password: the last '@' ends the userinfo
+        assert_eq!(redact_url("postgres://u:a@b@h/d"), "postgres://u:***@h/d");
+    }
+}
