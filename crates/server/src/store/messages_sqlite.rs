@@ -353,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteMessageStore::open(&dir.path().join("m.db")).unwrap();
         // 150 rows: 64 + 64 + 16 + 4 + 1 + 1; keys repeat within and across chunks
-        let key = |i: u32| (i % 2 == 0).then(|| format!("k{}", i % 40));
+        let key = |i: u32| i.is_multiple_of(2).then(|| format!("k{}", i % 40));
         let batch: Vec<NewMessage> = (0..150).map(|i| msg("d", i, key(i).as_deref())).collect();
         let r = s.append_batch(&batch).unwrap();
         assert_eq!(r.len(), 150);
@@ -381,7 +381,7 @@ mod tests {
         }
         let again = s.append_batch(&batch[..10]).unwrap();
         for (i, out) in again.iter().enumerate() {
-            assert_eq!(matches!(out, Appended::Duplicate), i % 2 == 0, "{i}");
+            assert_eq!(matches!(out, Appended::Duplicate), i.is_multiple_of(2), "{i}");
         }
     }
 }
