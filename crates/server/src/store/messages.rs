@@ -114,14 +114,8 @@ pub fn open(cfg: &crate::config::ServerConfig) -> Result<Arc<dyn MessageStore>, 
         Ok(crate::config::DbLocation::Sqlite(path)) => Ok(Arc::new(
             super::messages_sqlite::SqliteMessageStore::open(&path)?,
         )),
-        Ok(crate::config::DbLocation::Postgres(_)) => {
-            tracing::warn!(
-                "message storage on PostgreSQL is not implemented yet: telemetry is stored in \
-                 DATA_DIR/messages.db on this node"
-            );
-            Ok(Arc::new(super::messages_sqlite::SqliteMessageStore::open(
-                &cfg.path("messages.db"),
-            )?))
+        Ok(crate::config::DbLocation::Postgres(url)) => {
+            Ok(Arc::new(super::postgres::PostgresStore::open(&url)?))
         }
         Err(e) => Err(StoreError::Db {
             operation: "open message store",
