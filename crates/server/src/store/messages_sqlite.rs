@@ -381,7 +381,11 @@ mod tests {
         }
         let again = s.append_batch(&batch[..10]).unwrap();
         for (i, out) in again.iter().enumerate() {
-            assert_eq!(matches!(out, Appended::Duplicate), i.is_multiple_of(2), "{i}");
+            assert_eq!(
+                matches!(out, Appended::Duplicate),
+                i.is_multiple_of(2),
+                "{i}"
+            );
         }
     }
 }
