@@ -85,8 +85,18 @@ fn real_main() -> anyhow::Result<()> {
     if let Some(i) = cli.idle {
         opts.idle_sizes = i;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let exact = format!("devid-bench {}", args.join(" "));
+    let mut args: Vec<String> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args().skip(1) {
+        if skip {
+            skip = false;
+        } else if a == "--invoked-as" {
+            skip = true;
+        } else if !a.starts_with("--invoked-as=") {
+            args.push(a);
+        }
+    }
+    let exact = format!("devid-bench {}", args.join(" ")).trim().to_owned();
     opts.command = match &cli.invoked_as {
         Some(c) => format!("{}` (which runs `{exact}", c.trim()),
         None => exact.trim().to_owned(),

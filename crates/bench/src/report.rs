@@ -486,6 +486,7 @@ impl Report {
             .rows
             .iter()
             .filter(|r| r.id.starts_with('5') && r.unit.starts_with("KiB"))
+            .filter(|r| r.devid.skipped.is_none() && r.mosquitto.skipped.is_none())
             .map(|r| r.id.as_str())
             .collect();
         group(&idle, "memory per idle connection <= Mosquitto's", &mut out);
@@ -497,11 +498,40 @@ impl Report {
                 r1.mosquitto.median(),
             ) {
                 out.push(format!(
-                    "Session resumption speeds reconnects up {:.1}x on devid and {:.1}x on \
-                     Mosquitto (2 vs 1b).",
+                    "Session resumption changes the reconnect rate by {:.2}x on devid and \
+                     {:.2}x on Mosquitto (2 vs 1b).",
                     d2 / d1,
                     m2 / m1
                 ));
+            }
+        }
+        if let (Some(l), Some(t)) = (self.row("4b"), self.row("3a")) {
+            if let (Some(p99), Some(dmax), Some(mmax)) =
+                (l.devid.median(), t.devid.median(), t.mosquitto.median())
+            {
+                out.push(format!(
+                    "The latency load (rows 4) is 50% of Mosquitto's one-connection maximum, \
+                     which is {:.0}% of devid's own (3a); devid's p99 there is {} ms.",
+                    100.0 * 0.5 * mmax / dmax,
+                    fmt_num(p99)
+                ));
+            }
+        }
+        if let Some(c) = self
+            .notes
+            .iter()
+            .find(|n| n.starts_with("Row 3a: CPU busy"))
+        {
+            if let Some(t) = self.row("3a") {
+                if t.ratio().is_some_and(|r| r < 1.0) && c.contains("devid server 0.") {
+                    out.push(
+                        "In 3a devid acks fewer messages than Mosquitto while its server is far \
+                         from busy (see the CPU note below): with one connection and a fixed \
+                         window, throughput is window / commit round trip, so the durable \
+                         commit's latency, not CPU, bounds it."
+                            .to_owned(),
+                    );
+                }
             }
         }
         if let (Some(a), Some(b)) = (self.row("6a"), self.row("6c")) {
@@ -630,7 +660,7 @@ fn bar_chart(
                         PathElement::new(vec![(x, y), (x + 14, y)], RED.stroke_width(2))
                     });
             }
-            legend(&mut chart)?;
+            legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         } else {
             let mut chart = builder
                 .build_cartesian_2d(x_range, 0.0..top * 1.15)
@@ -645,7 +675,7 @@ fn bar_chart(
                 .draw()
                 .map_err(|e| err(e.to_string()))?;
             draw_bars(&mut chart, rows, 0.0)?;
-            legend(&mut chart)?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         root.present().map_err(|e| err(e.to_string()))?;
     }
@@ -695,6 +725,7 @@ where
 
 fn legend<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
 ) -> Result<(), BenchError>
 where
     X: Ranged<ValueType = f64>,
@@ -710,7 +741,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()

@@ -444,7 +444,7 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
                 .unwrap_or_else(|| "n/a".into())
         };
         notes.push(format!(
-            "Row {id}: CPU busy in the window, in cores (of {}): devid server {}, load generator              {}; Mosquitto {}, load generator {}.",
+            "Row {id}: CPU busy in the window, in cores (of {}): devid server {}, load generator {}; Mosquitto {}, load generator {}.",
             machine.nproc,
             med(Kind::Devid, |c| c.1),
             med(Kind::Devid, |c| c.2),
@@ -573,6 +573,14 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
         );
         rows.extend([mem, cpu]);
     }
+    notes.push(format!(
+        "Rows 5: RSS is VmRSS from /proc/PID/status on a freshly restarted server, before and \
+         after opening every session; CPU at rest is utime + stime from /proc/PID/stat over {:.0} s, \
+         counted in clock ticks of {} ms, so its resolution is {} ms CPU/s.",
+        opts.rest.as_secs_f64(),
+        1000 / procfs::clock_ticks().max(1),
+        crate::report::fmt_num(1000.0 / procfs::clock_ticks().max(1) as f64 / opts.rest.as_secs_f64())
+    ));
     rows.extend(cpu_rows);
 
     let fleet_info = (
