@@ -34,6 +34,10 @@ struct Cli {
     /// Idle-connection counts, comma-separated (default 10000,50000; 500 with --quick).
     #[arg(long, value_delimiter = ',')]
     idle: Option<Vec<usize>>,
+    /// Run only these scenarios (row ids or their prefixes, comma-separated, e.g. `3a,3b,5`);
+    /// for profiling one scenario. The report then has only those rows.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
     /// The command to name in the report (scripts/bench passes itself).
     #[arg(long, hide = true)]
     invoked_as: Option<String>,
@@ -84,6 +88,9 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(i) = cli.idle {
         opts.idle_sizes = i;
+    }
+    if let Some(o) = cli.only {
+        opts.only = o;
     }
     let mut args: Vec<String> = Vec::new();
     let mut skip = false;

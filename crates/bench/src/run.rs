@@ -48,9 +48,16 @@ pub struct Options {
     pub crypto_budget: Duration,
     /// The command line, for the report.
     pub command: String,
+    /// Only these scenario ids (or prefixes: "3" = every publish case); empty = all.
+    pub only: Vec<String>,
 }
 
 impl Options {
+    /// Whether scenario `id` (e.g. "3a", "5c") is to run.
+    pub fn wants(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| id.starts_with(o.as_str()))
+    }
+
     /// The full benchmark: 3 runs, 10 s windows, 10,000 and 50,000 idle devices.
     pub fn full(devid_server: PathBuf, out_dir: PathBuf) -> Options {
         Options {
@@ -68,6 +75,7 @@ impl Options {
             settle: Duration::from_secs(2),
             crypto_budget: Duration::from_secs(1),
             command: "devid-bench".into(),
+            only: Vec::new(),
         }
     }
 
@@ -282,6 +290,9 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
     let pool = b.configs(opts.connect_pool, false)?;
     let pool = Arc::new(pool);
     for (id, conc) in [("1a", 1usize), ("1b", 16)] {
+        if !opts.wants(id) {
+            continue;
+        }
         let mut row = Row::new(
             id,
             format!(
@@ -325,7 +336,7 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
 
     // 2. Reconnects with session resumption (each device its own ticket cache; fresh caches
     // per server and run, since both servers are "localhost").
-    {
+    if opts.wants("2") {
         let mut row = Row::new(
             "2",
             "reconnects with TLS 1.3 session resumption, 16 concurrent",
@@ -369,6 +380,9 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
     let publishers = b.configs(100, false)?;
     let mut cpu_rows = Vec::new();
     for (id, conns, window, payload, protocol) in PUBLISH_CASES {
+        if !opts.wants(id) {
+            continue;
+        }
         let label = format!(
             "QoS 1 msg/s, {conns} conn{} x {window} in flight, {}{}",
             if conns == 1 { "" } else { "s" },
@@ -460,7 +474,7 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
         .iter()
         .find(|r| r.id == "3a")
         .and_then(|r| r.mosquitto.median());
-    {
+    if opts.wants("4") {
         let rate = mosq_max.map(|m| (m * 0.5).round()).unwrap_or(0.0);
         let label = |p: &str| {
             format!(
@@ -517,6 +531,9 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
     // 5. Idle connections.
     for (k, &n) in opts.idle_sizes.iter().enumerate() {
         let letter = |i: usize| ((b'a' + (2 * k + i) as u8) as char).to_string();
+        if !opts.wants(&format!("5{}", letter(0))) {
+            continue;
+        }
         let mut mem = Row::new(
             &format!("5{}", letter(0)),
             format!(
