@@ -201,6 +201,8 @@ fn writer(
                             }
                             Outcome::Stored
                         }
+                        // counted and streamed by the store's index hook once indexed
+                        (Some(Appended::Logged(_)), _) => Outcome::Stored,
                         (Some(Appended::Duplicate), _) => {
                             dups += 1;
                             Outcome::Duplicate

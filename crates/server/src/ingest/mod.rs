@@ -81,6 +81,27 @@ impl Telemetry {
         let messages = message_store::open(cfg)?;
         let metrics = Arc::new(metrics::Metrics::new());
         let (stream, _) = broadcast::channel(STREAM_CAPACITY);
+        {
+            let metrics = metrics.clone();
+            let stream = stream.clone();
+            messages.set_index_hook(Box::new(move |stored, duplicates| {
+                metrics.messages_stored.inc_by(stored.len() as u64);
+                metrics.messages_duplicate.inc_by(duplicates);
+                if stream.receiver_count() > 0 {
+                    for (id, m) in stored {
+                        let _ = stream.send(Arc::new(commit::LiveMessage {
+                            id: *id,
+                            device_id: m.device_id.clone(),
+                            topic: m.topic.clone(),
+                            payload: m.payload.clone(),
+                            qos: m.qos,
+                            msg_id: m.msg_id.clone(),
+                            received_ms: m.received_ms,
+                        }));
+                    }
+                }
+            }));
+        }
         let commits = commit::CommitQueue::start(
             messages.clone(),
             metrics.clone(),

@@ -50,6 +50,10 @@ impl fmt::Debug for NewMessage {
 pub enum Appended {
     /// Stored with this row id.
     Stored(i64),
+    /// Durable in the store's append-only log as this row id; the store indexes it
+    /// asynchronously, skips it there if its (device, msg-id) exists already, and reports it
+    /// through the [`IndexHook`].
+    Logged(i64),
     /// Its (device, msg-id) was stored before: nothing new was written.
     Duplicate,
 }
@@ -86,6 +90,11 @@ impl fmt::Debug for StoredMessage {
     }
 }
 
+/// Called by a store that indexes asynchronously ([`Appended::Logged`]) after each indexed
+/// batch, before the batch becomes visible to [`MessageStore::list`]: the messages stored with
+/// their row ids, and how many were duplicates (skipped).
+pub type IndexHook = Box<dyn Fn(&[(i64, NewMessage)], u64) + Send + Sync>;
+
 /// Durable telemetry storage. Methods are blocking.
 pub trait MessageStore: Send + Sync + fmt::Debug {
     /// Append `batch` in ONE transaction and return only once it is durably committed (SQLite:
@@ -94,7 +103,11 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// result has one entry per input, in order. On error nothing of the batch is stored.
     fn append_batch(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError>;
 
-    /// Messages of `device`, oldest first. With `since` (a row id): the first `limit` rows
+    /// Install the hook of an asynchronously indexing store (a no-op for the others).
+    fn set_index_hook(&self, _hook: IndexHook) {}
+
+    /// Messages of `device`, oldest first. Every message acknowledged before the call is
+    /// visible (an asynchronous index is waited for). With `since` (a row id): the first `limit` rows
     /// after it; without: the newest `limit` rows.
     fn list(
         &self,
