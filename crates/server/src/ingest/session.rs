@@ -80,7 +80,7 @@ pub(crate) async fn handle(
         .and_then(|c| c.first())
         .and_then(identity_of);
     let mut codec = Codec::server(tel.settings.max_packet_bytes());
-    let mut inbuf = BytesMut::with_capacity(4096);
+    let mut inbuf = BytesMut::with_capacity(READ_MIN);
     let connect =
         match tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut codec, &mut inbuf))
             .await
@@ -105,7 +105,8 @@ pub(crate) async fn handle(
         stream,
         codec,
         proto,
-        out: BytesMut::with_capacity(1024),
+        // grows to what the packets need; an idle session keeps next to nothing
+        out: BytesMut::new(),
     };
     let accepted = match authenticate(&state, &tel, addr, identity, &connect, proto).await {
         Ok(a) => a,
@@ -152,6 +153,11 @@ pub(crate) async fn handle(
 }
 
 /// The stream with its codec and output buffer.
+/// Smallest read buffer (an idle session holds this much).
+const READ_MIN: usize = 512;
+/// Largest read buffer a busy session grows to.
+const READ_MAX: usize = 64 << 10;
+
 struct Conn {
     stream: Stream,
     codec: Codec,
@@ -421,6 +427,9 @@ struct Session {
     tel: Arc<Telemetry>,
     conn: Conn,
     inbuf: BytesMut,
+    /// How much buffer the next read gets: doubles while reads fill it, halves when they do
+    /// not, so a busy session reads in large chunks and an idle one holds [`READ_MIN`] bytes.
+    read_size: usize,
     addr: SocketAddr,
     id: DeviceId,
     device: Arc<str>,
@@ -487,6 +496,7 @@ impl Session {
             tel,
             conn,
             inbuf,
+            read_size: READ_MIN,
             addr,
             inflight: 0,
             ack_tx,
@@ -538,6 +548,15 @@ impl Session {
                 _ => {}
             }
             let can_read = self.can_read();
+            if self.inbuf.is_empty() && self.inbuf.capacity() > self.read_size {
+                // give a burst's buffer back (decoded packets keep their own slices of it)
+                self.inbuf = BytesMut::new();
+            }
+            let spare = self.inbuf.capacity() - self.inbuf.len();
+            if can_read && spare < READ_MIN / 2 {
+                self.inbuf.reserve(self.read_size);
+            }
+            let spare = self.inbuf.capacity() - self.inbuf.len();
             tokio::select! {
                 biased;
                 why = self.handle.closed() => return End::Closed(why),
@@ -555,7 +574,14 @@ impl Session {
                 }
                 r = self.conn.stream.read_buf(&mut self.inbuf), if can_read => match r {
                     Ok(0) => return End::Abnormal("closed_by_client"),
-                    Ok(_) => self.last_rx = Instant::now(),
+                    Ok(n) => {
+                        self.last_rx = Instant::now();
+                        if n >= spare {
+                            self.read_size = (self.read_size * 2).min(READ_MAX);
+                        } else if n < self.read_size / 4 {
+                            self.read_size = (self.read_size / 2).max(READ_MIN);
+                        }
+                    }
                     Err(_) => return End::Abnormal("read_error"),
                 },
                 () = &mut throttle_sleep, if throttle_armed => {
