@@ -286,7 +286,7 @@ impl Report {
         let _ = writeln!(s, "| RAM | {} MiB |", m.ram_mib);
         let _ = writeln!(s, "| kernel | {} |", m.kernel);
         let _ = writeln!(s, "| open files limit | {} |", m.nofile_limit);
-        let _ = writeln!(s, "| devid | {} (SQLite store) |", self.devid_version);
+        let _ = writeln!(s, "| devid | {} (message log + SQLite index) |", self.devid_version);
         let _ = writeln!(s, "| Mosquitto | {} (Debian) |", self.mosquitto_version);
         let _ = writeln!(s, "| command | `{}` |", self.command);
         let (n, secs, conc) = self.fleet;
@@ -336,11 +336,12 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\ndevid acknowledges a message only after it is committed to its store (group \
-             commit: one transaction + fsync per batch), after checking the device against the \
-             registry at CONNECT and authorising every publish; Mosquitto acks on receipt and \
-             runs with persistence off (it has no durable ingest). On this virtual disk a \
-             completed fsync may still not be durable on the host.\n"
+            "\ndevid acknowledges a message only after it is durable in its append-only message \
+             log (group commit: one write + fdatasync per batch; SQLite indexes the log \
+             asynchronously and its work is included in devid's CPU), after checking the device \
+             against the registry at CONNECT and authorising every publish; Mosquitto acks on \
+             receipt and runs with persistence off (it has no durable ingest). On this virtual \
+             disk a completed fdatasync may still not be durable on the host.\n"
         );
 
         let c = &self.crypto;
@@ -539,7 +540,8 @@ impl Report {
                 out.push(format!(
                     "Per message, devid's server spends {r1:.2}x Mosquitto's CPU on one \
                      connection (6a) and {r2:.2}x with 100 connections (6c); that CPU includes \
-                     the store's transaction and fsync work, which Mosquitto does not do."
+                     the message log's writes and fdatasyncs and the SQLite indexing, which \
+                     Mosquitto does not do."
                 ));
             }
         }

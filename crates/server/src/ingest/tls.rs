@@ -60,6 +60,11 @@ pub fn server_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerCo
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| ServeError::Tls(format!("server certificate and key: {e}")))?;
+    // One ticket per handshake (rustls sends two by default): a device reconnects with the
+    // newest one, and each resumed connection brings a fresh ticket.
+    config.send_tls13_tickets = 1;
+    // Our suite order (AES-128-GCM first, see serve::provider), not the client's.
+    config.ignore_client_order = true;
     // A resumed session still passes the registry check at CONNECT, and the certificate's
     // expiry is checked there too.
     // Stateless TLS 1.3 tickets (encrypted with a rotating key held only in memory): resumption

@@ -130,11 +130,11 @@ fn to_record(
 }
 
 fn load_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-    conn.query_row(
-        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
-        params![id],
-        device_row,
-    )
+    // cached: every MQTT CONNECT reads its device
+    conn.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+    ))
+    .and_then(|mut st| st.query_row(params![id], device_row))
     .optional()
     .map_err(db("read device"))?
     .map(to_record)
