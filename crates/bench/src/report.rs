@@ -286,7 +286,11 @@ impl Report {
         let _ = writeln!(s, "| RAM | {} MiB |", m.ram_mib);
         let _ = writeln!(s, "| kernel | {} |", m.kernel);
         let _ = writeln!(s, "| open files limit | {} |", m.nofile_limit);
-        let _ = writeln!(s, "| devid | {} (message log + SQLite index) |", self.devid_version);
+        let _ = writeln!(
+            s,
+            "| devid | {} (message log + SQLite index) |",
+            self.devid_version
+        );
         let _ = writeln!(s, "| Mosquitto | {} (Debian) |", self.mosquitto_version);
         let _ = writeln!(s, "| command | `{}` |", self.command);
         let (n, secs, conc) = self.fleet;
@@ -396,6 +400,14 @@ impl Report {
             let _ = writeln!(s, "- {n}");
         }
 
+        if !self.quick {
+            let _ = writeln!(
+                s,
+                "\nWhere the time goes for the targets this run misses, with perf profiles and \
+                 what was tried: [benchmarks-profile.md](benchmarks-profile.md) (written by \
+                 hand; it names the run it profiled)."
+            );
+        }
         let _ = writeln!(s, "\n## Charts\n");
         let _ = writeln!(
             s,

@@ -164,7 +164,8 @@ struct SpareState {
     stop: bool,
 }
 
-const ZERO_CHUNK: usize = 1 << 20;
+/// Zeros written (and flushed) per step while preparing a segment.
+const ZERO_CHUNK: usize = 256 << 10;
 
 fn preparer(dir: PathBuf, bytes: u32, spare: Arc<Spare>) {
     let zeros = vec![0u8; ZERO_CHUNK];
@@ -196,6 +197,10 @@ fn preparer(dir: PathBuf, bytes: u32, spare: Arc<Spare>) {
                 }
                 let n = (u64::from(bytes) - at).min(ZERO_CHUNK as u64) as usize;
                 f.write_all_at(&zeros[..n], at)?;
+                // Flush as we go: one large writeback at the end would sit in the disk's
+                // queue ahead of the commits' fdatasyncs and stall their acks for its whole
+                // length (tens of ms for a segment).
+                f.sync_data()?;
                 at += n as u64;
             }
             f.sync_all()?;
