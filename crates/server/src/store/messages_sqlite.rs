@@ -61,7 +61,9 @@ const PARAMS_PER_ROW: usize = 5;
 /// Most rows the indexer puts in one transaction.
 const INDEX_BATCH_MAX: usize = 20_000;
 /// How long the indexer gathers logged batches into one transaction.
-const INDEX_GATHER: Duration = Duration::from_millis(5);
+const INDEX_GATHER: Duration = Duration::from_millis(50);
+/// How often the gathering indexer looks for waiting readers.
+const INDEX_POLL: Duration = Duration::from_millis(1);
 /// Logged batches waiting for the indexer before `append_batch` waits (backpressure: the
 /// index never falls more than this far behind the acknowledgements).
 const INDEX_QUEUE: usize = 512;
@@ -159,6 +161,8 @@ fn index_rows(
 struct Progress {
     /// Highest seq durably logged.
     logged: AtomicU64,
+    /// Readers waiting in [`Progress::barrier`] (the indexer stops gathering for them).
+    readers: std::sync::atomic::AtomicUsize,
     /// Highest seq indexed (all below it too).
     indexed: Mutex<u64>,
     caught_up: Condvar,
@@ -178,10 +182,15 @@ impl Progress {
     fn barrier(&self) -> Result<(), StoreError> {
         let target = self.logged.load(Ordering::Acquire);
         let i = self.indexed.lock().unwrap_or_else(|p| p.into_inner());
+        if *i >= target {
+            return Ok(());
+        }
+        self.readers.fetch_add(1, Ordering::AcqRel);
         let (i, timeout) = self
             .caught_up
             .wait_timeout_while(i, READ_BARRIER, |i| *i < target)
             .unwrap_or_else(|p| p.into_inner());
+        self.readers.fetch_sub(1, Ordering::AcqRel);
         if timeout.timed_out() && *i < target {
             return Err(StoreError::Db {
                 operation: "list messages",
@@ -255,15 +264,20 @@ fn indexer(
     let mut rows: Vec<IndexRow> = Vec::new();
     while let Ok(first) = rx.recv() {
         rows.extend(first);
-        // Gather for a moment: SQLite's cost per row falls steeply with rows per transaction
-        // (each transaction rewrites the same right-hand b-tree pages), and readers wait for
-        // at most this long behind the acknowledgements.
+        // Gather: SQLite's cost per row falls steeply with rows per transaction, because a
+        // transaction writes every b-tree page it touches to the WAL once (with 100 devices a
+        // short transaction touches ~100 leaf pages for a few rows each). A reader waiting on
+        // the barrier ends the gathering at once, so reads do not pay for it.
         let until = std::time::Instant::now() + INDEX_GATHER;
-        while rows.len() < INDEX_BATCH_MAX {
+        while rows.len() < INDEX_BATCH_MAX && progress.readers.load(Ordering::Acquire) == 0 {
             let left = until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left.min(INDEX_POLL)) {
                 Ok(more) => rows.extend(more),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         let mut delay = Duration::from_millis(10);
