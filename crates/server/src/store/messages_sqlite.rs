@@ -616,37 +616,29 @@ impl MessageStore for SqliteMessageStore {
         let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, i64, u32)> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         };
-        let rows = match since {
-            Some(after) => {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT id, log_pos, log_len FROM message_index \
-                         WHERE device_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-                    )
-                    .map_err(db("list messages"))?;
-                let rows = stmt
-                    .query_map(params![device.as_str(), after, limit], row)
-                    .map_err(db("list messages"))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db("list messages"))?;
-                rows
-            }
-            None => {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT id, log_pos, log_len FROM message_index \
-                         WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
-                    )
-                    .map_err(db("list messages"))?;
-                let mut rows = stmt
-                    .query_map(params![device.as_str(), limit], row)
-                    .map_err(db("list messages"))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db("list messages"))?;
-                rows.reverse();
-                rows
-            }
+        // After a cursor: the oldest `limit` past it; without: the newest `limit` (ids >= 1).
+        let (sql, after) = match since {
+            Some(after) => (
+                "SELECT id, log_pos, log_len FROM message_index \
+                 WHERE device_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                after,
+            ),
+            None => (
+                "SELECT id, log_pos, log_len FROM message_index \
+                 WHERE device_id = ?1 AND id > ?2 ORDER BY id DESC LIMIT ?3",
+                0,
+            ),
         };
+        let mut stmt = conn.prepare_cached(sql).map_err(db("list messages"))?;
+        let mut rows = stmt
+            .query_map(params![device.as_str(), after, limit], row)
+            .map_err(db("list messages"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list messages"))?;
+        drop(stmt);
+        if since.is_none() {
+            rows.reverse();
+        }
         drop(conn);
         let mut out = Vec::with_capacity(rows.len());
         for (id, pos, len) in rows {
