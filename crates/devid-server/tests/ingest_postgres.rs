@@ -1,12 +1,17 @@
 //! Telemetry on PostgreSQL: two `devid-server run` nodes on one database; a device publishes
 //! through node B's MQTT listener (mosquitto_pub, MQTT 5, QoS 1) and node A serves the stored
-//! rows (the message store is the shared database, not a per-node file).
+//! rows (the message store is the shared database, not a per-node file). A device revoked or
+//! suspended through one node loses its live session on the other at once (LISTEN/NOTIFY),
+//! not only at the next periodic registry re-check.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 mod ingest_support;
 
+use std::time::{Duration, Instant};
+
 use common::Server;
+use devid_mqtt::{reason, Protocol};
 use devid_testkit::postgres::PgCluster;
 use ingest_support::*;
 
@@ -42,5 +47,56 @@ fn messages_published_on_one_node_are_read_on_the_other() {
     assert!(
         !a.dir.join("messages.db").exists() && !b.dir.join("messages.db").exists(),
         "no node-local message file on PostgreSQL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_on_one_node_closes_the_session_on_the_other_at_once() {
+    let pg = PgCluster::start();
+    let url = pg.url();
+    // the periodic registry re-check stays at its default (60 s): only the notification
+    // can close the session within the test's bound
+    let a = Server::start_with(&["--db", &url]);
+    let b = a.another_node();
+    let ca = b.ca_pem_path();
+    let r = enrol(&a, "pg-revoke", "default");
+    let p = enrol(&a, "pg-suspend", "default");
+
+    for (dev, verb, proto) in [
+        (&r, "revoke", Protocol::V5),
+        (&p, "suspend", Protocol::V311),
+    ] {
+        let mut c = Client::connect_ok(b.mqtt_port, &ca, dev, proto).await;
+        assert_eq!(
+            c.publish_qos1(&dev.topic("telemetry/t"), 1, b"before", None)
+                .await,
+            Some(0)
+        );
+        let (dir, id) = (a.dir_str().to_owned(), dev.id.clone());
+        let start = Instant::now();
+        let change = tokio::task::spawn_blocking(move || {
+            common::run(&["device", verb, &id, "--data-dir", &dir])
+        });
+        let (why, _) = c.wait_closed(Duration::from_secs(10)).await;
+        let took = start.elapsed();
+        assert!(change.await.unwrap().status.success(), "device {verb}");
+        eprintln!("{verb} on node A: node B closed the session after {took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "{verb} through node A closed node B's session only after {took:?}"
+        );
+        if proto == Protocol::V5 {
+            assert_eq!(why, Some(reason::ADMINISTRATIVE_ACTION));
+        }
+    }
+    let (_, code) = Client::connect(b.mqtt_port, &ca, &r, Protocol::V5, "pg-revoke")
+        .await
+        .unwrap();
+    assert_eq!(code, 0x86, "a revoked device cannot reconnect to node B");
+    let metrics = metrics(&b);
+    assert_eq!(
+        metric(&metrics, "devid_mqtt_live_revocations_total"),
+        Some(2.0),
+        "{metrics}"
     );
 }

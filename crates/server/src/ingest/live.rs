@@ -6,11 +6,12 @@
 //! commits and THEN notifies. So either the session's read sees the new state, or the
 //! notification finds the registered session.
 //!
-//! Several nodes sharing one PostgreSQL: TODO(multi-node) publish state changes with
-//! `NOTIFY devid_device_state, '<id>'` in the same transaction as the change, and have every
-//! node `LISTEN` and call [`LiveConnections::on_state_change`]. Until then the periodic
-//! registry re-check (`mqtt.registry_recheck_secs`) bounds how long another node's session
-//! outlives a revocation.
+//! Several nodes sharing one PostgreSQL: a state change is published with
+//! `NOTIFY devid_device_state, '<id> <state>'` in the same transaction, and every node's
+//! listener (`Store::follow_state_changes`) calls [`LiveConnections::on_state_change`]. The
+//! same ordering argument holds across nodes, since the notice is delivered after the commit.
+//! While a node's listener is disconnected, the periodic registry re-check
+//! (`mqtt.registry_recheck_secs`) bounds how long its sessions outlive a revocation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -67,10 +68,20 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Ask the session to close (it sends MQTT 5 DISCONNECT with a reason, then closes).
-    pub fn close(&self, reason: CloseReason) {
-        self.reason.store(reason as u8, Ordering::SeqCst);
+    /// The first reason given stands; returns whether this call gave it.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self
+            .reason
+            .compare_exchange(
+                CloseReason::None as u8,
+                reason as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
         // notify_one stores a permit when the session is not waiting right now.
         self.notify.notify_one();
+        first
     }
 
     /// Wait until asked to close.
@@ -156,7 +167,9 @@ impl LiveConnections {
     }
 
     /// Called after a registry state change is committed: a device that is no longer active
-    /// loses its session now. Returns whether a session was closed.
+    /// loses its session now. Returns whether a session was told to close by this call (a
+    /// repeated notice of the same change, e.g. the node's own one coming back from
+    /// PostgreSQL, returns false).
     pub fn on_state_change(&self, device: &str, state: DeviceState) -> bool {
         let reason = match state {
             DeviceState::Active => return false,
@@ -167,13 +180,7 @@ impl LiveConnections {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        match map.get(device) {
-            Some(e) => {
-                e.handle.close(reason);
-                true
-            }
-            None => false,
-        }
+        map.get(device).is_some_and(|e| e.handle.close(reason))
     }
 
     /// Tell every session to close (shutdown).
@@ -212,6 +219,8 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert!(!t.on_state_change("dev", DeviceState::Active));
         assert!(t.on_state_change("dev", DeviceState::Revoked));
+        // the same change noticed again (a node's own NOTIFY) closes nothing new
+        assert!(!t.on_state_change("dev", DeviceState::Revoked));
         assert_eq!(b.handle.closed().await, CloseReason::Revoked);
         drop(b);
         assert!(t.is_empty());

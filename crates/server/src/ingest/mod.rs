@@ -36,7 +36,7 @@ use crate::api::AppState;
 use crate::config::ServerConfig;
 use crate::serve::ServeError;
 use crate::store::messages::{self as message_store, MessageStore};
-use crate::store::{AuditCtx, NewAudit, StoreError};
+use crate::store::{AuditCtx, NewAudit, StateChangeSink, StoreError};
 use crate::timeutil::now_ms;
 
 pub mod client;
@@ -140,6 +140,21 @@ impl Telemetry {
         }
     }
 
+    /// Follow the state changes other nodes commit to a shared store (PostgreSQL), so that a
+    /// device revoked or suspended anywhere loses its session on this node at once too.
+    pub fn follow_state_changes(self: &Arc<Self>, store: &Arc<dyn crate::store::Store>) {
+        let sink: Arc<dyn StateChangeSink> = self.clone();
+        match store.follow_state_changes(Arc::downgrade(&sink)) {
+            Ok(true) => tracing::info!("following device state changes from other nodes"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot follow other nodes' device state changes; live sessions fall back to \
+                 the periodic registry re-check"
+            ),
+        }
+    }
+
     /// Write an audit row unless one with the same `key` was written within
     /// `mqtt.audit_interval_secs` (then only count it). Never blocks the caller.
     pub(crate) fn audit(&self, store: &Arc<dyn crate::store::Store>, row: AuditRow) {
@@ -168,6 +183,12 @@ impl Telemetry {
                 tracing::error!(error = %e, "writing an MQTT audit row failed");
             }
         });
+    }
+}
+
+impl StateChangeSink for Telemetry {
+    fn state_changed(&self, id: &DeviceId, state: DeviceState) {
+        self.on_state_change(id, state);
     }
 }
 
@@ -227,6 +248,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let tel = state.telemetry.clone();
+    tel.follow_state_changes(&state.store);
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(tel.settings.max_connections.max(1)));
     tokio::pin!(shutdown);

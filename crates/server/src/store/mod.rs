@@ -260,6 +260,27 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// The newest `limit` audit rows (oldest first), optionally for one device.
     fn audit_log(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Follow the device state changes that every node sharing this store commits: tell
+    /// `sink` about each one (from a thread of the store's), until `sink` is dropped. A node
+    /// uses it to cut the live sessions of a device that another node suspended or revoked.
+    /// Returns false when there is nothing to follow because the store is this node's alone
+    /// (SQLite): the node's own admin path reports its changes directly.
+    fn follow_state_changes(
+        &self,
+        sink: std::sync::Weak<dyn StateChangeSink>,
+    ) -> Result<bool, StoreError> {
+        let _ = sink;
+        Ok(false)
+    }
+}
+
+/// Told about device state changes committed by any node (see
+/// [`Store::follow_state_changes`]).
+pub trait StateChangeSink: Send + Sync {
+    /// `id` is now in `state` (the change is committed). May be called more than once for one
+    /// change, also for the node's own changes: it must be idempotent.
+    fn state_changed(&self, id: &DeviceId, state: DeviceState);
 }
 
 /// Open the store a config names.

@@ -25,18 +25,28 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use devid_proto::{AuditEntry, DeviceId, DeviceState};
+use r2d2_postgres::postgres::fallible_iterator::FallibleIterator;
 use r2d2_postgres::postgres::{self, GenericClient, NoTls, Row, Transaction};
 use r2d2_postgres::{r2d2, PostgresConnectionManager};
 
 use super::{
-    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal, Store,
-    StoreError,
+    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal,
+    StateChangeSink, Store, StoreError,
 };
 use crate::ca::IssuedCert;
 use crate::timeutil::rfc3339;
 
 /// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
 pub const MIGRATION_LOCK: i64 = 0x64_6576_6964;
+
+/// The `NOTIFY` channel of committed device state changes; the payload is
+/// `<device id> <state>`. Every node `LISTEN`s on it to cut the live sessions of a device
+/// another node suspended or revoked.
+pub const STATE_CHANNEL: &str = "devid_device_state";
+/// Longest wait between attempts to (re)connect the state-change listener.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often the listener looks whether its sink is still there.
+const LISTEN_POLL: Duration = Duration::from_secs(1);
 
 /// Connections in the pool.
 const POOL_SIZE: u32 = 8;
@@ -132,6 +142,8 @@ type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 /// A registry in a PostgreSQL database, shareable by several server nodes.
 pub struct PostgresStore {
     pool: Pool,
+    /// For connections outside the pool (the state-change listener).
+    config: postgres::Config,
     /// The URL with its password replaced, for messages.
     shown: String,
     /// The password, to scrub from driver messages (defence in depth: the driver does not
@@ -273,10 +285,11 @@ impl PostgresStore {
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(CONNECT_TIMEOUT)
-            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+            .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
         tracing::info!(db = %shown, schema_version = version, "PostgreSQL store ready");
         Ok(Self {
             pool,
+            config,
             shown,
             password,
         })
@@ -710,6 +723,10 @@ impl Store for PostgresStore {
             &[&target.as_str(), &id.as_str()],
         )
         .map_err(self.db("change device state"))?;
+        // delivered to every listening node when (and only if) the transaction commits
+        let note = format!("{id} {target}");
+        tx.execute("SELECT pg_notify($1, $2)", &[&STATE_CHANNEL, &note])
+            .map_err(self.db("announce the state change"))?;
         let detail = format!("{current} -> {target}");
         self.insert_audit(
             &mut tx,
@@ -780,11 +797,128 @@ impl Store for PostgresStore {
         out.reverse();
         Ok(out)
     }
+
+    fn follow_state_changes(
+        &self,
+        sink: std::sync::Weak<dyn StateChangeSink>,
+    ) -> Result<bool, StoreError> {
+        let listener = Listener {
+            config: self.config.clone(),
+            shown: self.shown.clone(),
+            password: self.password.clone(),
+            sink,
+        };
+        std::thread::Builder::new()
+            .name("devid-pg-listen".into())
+            .spawn(move || listener.run())
+            .map_err(|e| StoreError::Db {
+                operation: "start the state-change listener",
+                detail: e.to_string(),
+            })?;
+        Ok(true)
+    }
+}
+
+/// `LISTEN`s on [`STATE_CHANNEL`] with a connection of its own and tells the sink; reconnects
+/// with backoff. While it is disconnected, a change on another node reaches this node's
+/// sessions through their periodic registry re-check (`mqtt.registry_recheck_secs`) instead.
+struct Listener {
+    config: postgres::Config,
+    shown: String,
+    password: Option<zeroize::Zeroizing<String>>,
+    sink: std::sync::Weak<dyn StateChangeSink>,
+}
+
+impl Listener {
+    fn run(self) {
+        let mut retry = Duration::from_secs(1);
+        let mut lost = false;
+        while self.sink.strong_count() > 0 {
+            let listening = self.config.connect(NoTls).and_then(|mut c| {
+                c.batch_execute(&format!("LISTEN {STATE_CHANNEL}"))
+                    .map(|()| c)
+            });
+            let mut client = match listening {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(
+                        db = %self.shown,
+                        error = %detail(&e, self.password.as_ref().map(|p| p.as_str())),
+                        retry_in_secs = retry.as_secs(),
+                        "cannot listen for other nodes' device state changes; live sessions \
+                         fall back to the periodic registry re-check"
+                    );
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(LISTEN_RETRY_MAX);
+                    lost = true;
+                    continue;
+                }
+            };
+            if lost {
+                tracing::info!(db = %self.shown, "listening for device state changes again");
+            }
+            retry = Duration::from_secs(1);
+            match self.deliver(&mut client) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(
+                        db = %self.shown,
+                        error = %detail(&e, self.password.as_ref().map(|p| p.as_str())),
+                        "lost the state-change listener's connection; reconnecting"
+                    );
+                    lost = true;
+                }
+            }
+        }
+    }
+
+    /// Hand notifications to the sink until it is gone (`Ok`) or the connection fails.
+    fn deliver(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+        loop {
+            let Some(sink) = self.sink.upgrade() else {
+                return Ok(());
+            };
+            let mut notes = client.notifications();
+            let mut wait = notes.timeout_iter(LISTEN_POLL);
+            while let Some(note) = wait.next()? {
+                match parse_state_note(note.payload()) {
+                    Some((id, state)) => sink.state_changed(&id, state),
+                    None => tracing::warn!(
+                        channel = note.channel(),
+                        "ignoring a malformed state-change notification"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// `<device id> <state>`, as [`PostgresStore::set_state`] sends it.
+fn parse_state_note(payload: &str) -> Option<(DeviceId, DeviceState)> {
+    let (id, state) = payload.split_once(' ')?;
+    Some((DeviceId::parse(id).ok()?, state.parse().ok()?))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{parse_state_note, redact_url};
+    use devid_proto::DeviceState;
+
+    #[test]
+    fn state_notes_parse_and_junk_is_refused() {
+        let (id, state) = parse_state_note("pump-7 revoked").unwrap();
+        assert_eq!((id.as_str(), state), ("pump-7", DeviceState::Revoked));
+        for junk in [
+            "",
+            "pump-7",
+            "pump-7 gone",
+            " revoked",
+            "a/b revoked",
+            "pump-7  revoked",
+        ] {
+            assert!(parse_state_note(junk).is_none(), "{junk:?}");
+        }
+    }
 
     #[test]
     fn passwords_are_redacted() {
