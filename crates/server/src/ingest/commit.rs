@@ -78,6 +78,21 @@ pub struct LiveMessage {
     pub received_ms: i64,
 }
 
+impl LiveMessage {
+    /// Message `m`, stored with row id `id`.
+    pub fn new(id: i64, m: NewMessage) -> Self {
+        LiveMessage {
+            id,
+            device_id: m.device_id,
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            msg_id: m.msg_id,
+            received_ms: m.received_ms,
+        }
+    }
+}
+
 impl std::fmt::Debug for LiveMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveMessage")
@@ -189,15 +204,7 @@ fn writer(
                         (Some(Appended::Stored(id)), Some(row)) => {
                             stored += 1;
                             if streaming {
-                                let _ = live.send(Arc::new(LiveMessage {
-                                    id,
-                                    device_id: row.device_id,
-                                    topic: row.topic,
-                                    payload: row.payload,
-                                    qos: row.qos,
-                                    msg_id: row.msg_id,
-                                    received_ms: row.received_ms,
-                                }));
+                                let _ = live.send(Arc::new(LiveMessage::new(id, row)));
                             }
                             Outcome::Stored
                         }

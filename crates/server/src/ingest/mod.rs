@@ -89,15 +89,7 @@ impl Telemetry {
                 metrics.messages_duplicate.inc_by(duplicates);
                 if stream.receiver_count() > 0 {
                     for (id, m) in stored {
-                        let _ = stream.send(Arc::new(commit::LiveMessage {
-                            id: *id,
-                            device_id: m.device_id.clone(),
-                            topic: m.topic.clone(),
-                            payload: m.payload.clone(),
-                            qos: m.qos,
-                            msg_id: m.msg_id.clone(),
-                            received_ms: m.received_ms,
-                        }));
+                        let _ = stream.send(Arc::new(commit::LiveMessage::new(*id, m.clone())));
                     }
                 }
             }));

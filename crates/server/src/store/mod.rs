@@ -17,6 +17,7 @@ pub mod messages;
 pub mod messages_sqlite;
 pub mod postgres;
 pub mod postgres_messages;
+mod rules;
 pub mod sqlite;
 
 /// Storage failures (not refusals: those are [`Refusal`]).

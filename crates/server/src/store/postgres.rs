@@ -29,6 +29,7 @@ use r2d2_postgres::postgres::fallible_iterator::FallibleIterator;
 use r2d2_postgres::postgres::{self, GenericClient, NoTls, Row, Transaction};
 use r2d2_postgres::{r2d2, PostgresConnectionManager};
 
+use super::rules::{self, TokenUse};
 use super::{
     AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal,
     StateChangeSink, Store, StoreError,
@@ -466,11 +467,7 @@ impl Store for PostgresStore {
             ],
         )
         .map_err(self.db("create token"))?;
-        let detail = format!(
-            "policy={} expires={}",
-            token.policy,
-            rfc3339(token.expires_at_ms)
-        );
+        let detail = rules::token_detail(token);
         self.insert_audit(
             &mut tx,
             &NewAudit {
@@ -490,7 +487,6 @@ impl Store for PostgresStore {
         issue: IssueFn<'_>,
     ) -> Outcome<(DeviceRecord, IssuedCert)> {
         let now = a.ctx.now_ms;
-        let requested = a.requested_id.map(|d| d.as_str());
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(self.db("begin"))?;
         // Lock the token's row: a concurrent enrolment with the same token waits here and
@@ -502,61 +498,26 @@ impl Store for PostgresStore {
                 &[&a.token_hash],
             )
             .map_err(self.db("read token"))?;
-        let token = match token {
-            None => {
-                return self.finish_refusal(tx, a.ctx, "enroll", requested, Refusal::TokenUnknown)
+        let token = token
+            .map(|row| {
+                Ok(rules::TokenRow {
+                    bound: row.try_get(0)?,
+                    policy: row.try_get(1)?,
+                    expires_at_ms: row.try_get(2)?,
+                    used: row.try_get::<_, Option<i64>>(3)?.is_some(),
+                })
+            })
+            .transpose()
+            .map_err(self.db("read token"))?;
+        let TokenUse { id, policy, bound } = match rules::check_token(token, a.requested_id, now)? {
+            Ok(u) => u,
+            Err((why, dev)) => {
+                return self.finish_refusal(tx, a.ctx, "enroll", dev.as_deref(), why)
             }
-            Some(row) => {
-                let bound: Option<String> = row.try_get(0).map_err(self.db("read token"))?;
-                let policy: String = row.try_get(1).map_err(self.db("read token"))?;
-                let expires: i64 = row.try_get(2).map_err(self.db("read token"))?;
-                let used: Option<i64> = row.try_get(3).map_err(self.db("read token"))?;
-                (bound, policy, expires, used)
-            }
-        };
-        let (bound, policy) = match token {
-            (bound, _, _, Some(_)) => {
-                let dev = bound.as_deref().or(requested);
-                return self.finish_refusal(tx, a.ctx, "enroll", dev, Refusal::TokenUsed);
-            }
-            (bound, _, expires, None) if expires <= now => {
-                let dev = bound.as_deref().or(requested);
-                return self.finish_refusal(tx, a.ctx, "enroll", dev, Refusal::TokenExpired);
-            }
-            (bound, policy, _, None) => (bound, policy),
-        };
-        let id = match (&bound, a.requested_id) {
-            (Some(b), Some(r)) if b != r.as_str() => {
-                let b = b.clone();
-                return self.finish_refusal(
-                    tx,
-                    a.ctx,
-                    "enroll",
-                    Some(&b),
-                    Refusal::TokenBoundToOther,
-                );
-            }
-            (Some(b), _) => DeviceId::parse(b).map_err(|e| StoreError::Corrupt {
-                what: "token device id",
-                detail: e.to_string(),
-            })?,
-            (None, Some(r)) => r.clone(),
-            (None, None) => DeviceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|e| {
-                StoreError::Corrupt {
-                    what: "generated device id",
-                    detail: e.to_string(),
-                }
-            })?,
         };
         self.lock_device(&mut tx, id.as_str())?;
         let existing = self.load_device(&mut tx, id.as_str())?;
-        let refusal = match existing.as_ref().map(|d| d.state) {
-            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
-            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
-            Some(DeviceState::Active) if bound.is_none() => Some(Refusal::DeviceExists),
-            _ => None,
-        };
-        if let Some(r) = refusal {
+        if let Some(r) = rules::enroll_refusal(existing.as_ref().map(|d| d.state), bound) {
             return self.finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), r);
         }
         let consumed = tx
@@ -598,17 +559,7 @@ impl Store for PostgresStore {
                 detail: "the device row changed during the enrolment; nothing was stored".into(),
             });
         }
-        let detail = format!(
-            "serial={} policy={} key={}{}",
-            cert.serial_hex,
-            policy,
-            a.key_fingerprint,
-            if existing.is_some() {
-                " re-enrolment"
-            } else {
-                ""
-            }
-        );
+        let detail = rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
         self.insert_audit(
             &mut tx,
             &NewAudit {
@@ -621,10 +572,7 @@ impl Store for PostgresStore {
         )?;
         let record = self
             .load_device(&mut tx, id.as_str())?
-            .ok_or(StoreError::Corrupt {
-                what: "device",
-                detail: "row missing right after insert".into(),
-            })?;
+            .ok_or_else(|| rules::row_missing("insert"))?;
         tx.commit().map_err(self.db("commit"))?;
         Ok(Ok((record, cert)))
     }
@@ -639,13 +587,8 @@ impl Store for PostgresStore {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(self.db("begin"))?;
         self.lock_device(&mut tx, id.as_str())?;
-        let refusal = match self.load_device(&mut tx, id.as_str())?.map(|d| d.state) {
-            None => Some(Refusal::DeviceUnknown),
-            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
-            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
-            Some(DeviceState::Active) => None,
-        };
-        if let Some(r) = refusal {
+        let state = self.load_device(&mut tx, id.as_str())?.map(|d| d.state);
+        if let Some(r) = rules::renew_refusal(state) {
             return self.finish_refusal(tx, ctx, "renew", Some(id.as_str()), r);
         }
         let cert = issue(id)?;
@@ -668,7 +611,7 @@ impl Store for PostgresStore {
                 detail: "the device row changed during the renewal; nothing was stored".into(),
             });
         }
-        let detail = format!("serial={} key={}", cert.serial_hex, key_fingerprint);
+        let detail = rules::renew_detail(&cert, key_fingerprint);
         self.insert_audit(
             &mut tx,
             &NewAudit {
@@ -681,10 +624,7 @@ impl Store for PostgresStore {
         )?;
         let record = self
             .load_device(&mut tx, id.as_str())?
-            .ok_or(StoreError::Corrupt {
-                what: "device",
-                detail: "row missing right after update".into(),
-            })?;
+            .ok_or_else(|| rules::row_missing("update"))?;
         tx.commit().map_err(self.db("commit"))?;
         Ok(Ok((record, cert)))
     }
@@ -695,29 +635,15 @@ impl Store for PostgresStore {
         target: DeviceState,
         ctx: &AuditCtx,
     ) -> Outcome<DeviceRecord> {
-        let action = match target {
-            DeviceState::Active => "device.resume",
-            DeviceState::Suspended => "device.suspend",
-            DeviceState::Revoked => "device.revoke",
-        };
+        let action = rules::state_action(target);
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(self.db("begin"))?;
         self.lock_device(&mut tx, id.as_str())?;
-        let current = match self.load_device(&mut tx, id.as_str())? {
-            None => {
-                return self.finish_refusal(
-                    tx,
-                    ctx,
-                    action,
-                    Some(id.as_str()),
-                    Refusal::DeviceUnknown,
-                )
-            }
-            Some(d) => d.state,
+        let state = self.load_device(&mut tx, id.as_str())?.map(|d| d.state);
+        let current = match rules::state_change(state, target) {
+            Ok(c) => c,
+            Err(r) => return self.finish_refusal(tx, ctx, action, Some(id.as_str()), r),
         };
-        if current == DeviceState::Revoked && target != DeviceState::Revoked {
-            return self.finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceRevoked);
-        }
         tx.execute(
             "UPDATE devices SET state = $1 WHERE id = $2",
             &[&target.as_str(), &id.as_str()],
@@ -727,7 +653,7 @@ impl Store for PostgresStore {
         let note = format!("{id} {target}");
         tx.execute("SELECT pg_notify($1, $2)", &[&STATE_CHANNEL, &note])
             .map_err(self.db("announce the state change"))?;
-        let detail = format!("{current} -> {target}");
+        let detail = rules::state_detail(current, target);
         self.insert_audit(
             &mut tx,
             &NewAudit {
@@ -740,10 +666,7 @@ impl Store for PostgresStore {
         )?;
         let record = self
             .load_device(&mut tx, id.as_str())?
-            .ok_or(StoreError::Corrupt {
-                what: "device",
-                detail: "row missing right after update".into(),
-            })?;
+            .ok_or_else(|| rules::row_missing("update"))?;
         tx.commit().map_err(self.db("commit"))?;
         Ok(Ok(record))
     }

@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use devid_proto::{AuditEntry, DeviceId, DeviceState};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::rules::{self, TokenUse};
 use super::{
     AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, NewAudit, NewToken, Outcome, Refusal, Store,
     StoreError,
@@ -260,11 +261,7 @@ impl Store for SqliteStore {
             ],
         )
         .map_err(db("create token"))?;
-        let detail = format!(
-            "policy={} expires={}",
-            token.policy,
-            rfc3339(token.expires_at_ms)
-        );
+        let detail = rules::token_detail(token);
         insert_audit(
             &tx,
             &NewAudit {
@@ -285,72 +282,35 @@ impl Store for SqliteStore {
     ) -> Outcome<(DeviceRecord, crate::ca::IssuedCert)> {
         let now = a.ctx.now_ms;
         let mut conn = self.conn()?;
-        let requested = a.requested_id.map(|d| d.as_str());
         let decision = {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db("begin"))?;
-            let token: Option<(Option<String>, String, i64, Option<i64>)> = tx
+            let token = tx
                 .query_row(
                     "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
                      WHERE token_hash = ?1",
                     params![a.token_hash],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    |r| {
+                        Ok(rules::TokenRow {
+                            bound: r.get(0)?,
+                            policy: r.get(1)?,
+                            expires_at_ms: r.get(2)?,
+                            used: r.get::<_, Option<i64>>(3)?.is_some(),
+                        })
+                    },
                 )
                 .optional()
                 .map_err(db("read token"))?;
-            let (bound, policy) = match token {
-                None => {
-                    return finish_refusal(tx, a.ctx, "enroll", requested, Refusal::TokenUnknown)
-                }
-                Some((bound, _, _, Some(_))) => {
-                    let dev = bound.clone();
-                    return finish_refusal(
-                        tx,
-                        a.ctx,
-                        "enroll",
-                        dev.as_deref().or(requested),
-                        Refusal::TokenUsed,
-                    );
-                }
-                Some((bound, _, expires, None)) if expires <= now => {
-                    let dev = bound.clone();
-                    return finish_refusal(
-                        tx,
-                        a.ctx,
-                        "enroll",
-                        dev.as_deref().or(requested),
-                        Refusal::TokenExpired,
-                    );
-                }
-                Some((bound, policy, _, None)) => (bound, policy),
-            };
-            let id = match (&bound, a.requested_id) {
-                (Some(b), Some(r)) if b != r.as_str() => {
-                    return finish_refusal(tx, a.ctx, "enroll", Some(b), Refusal::TokenBoundToOther)
-                }
-                (Some(b), _) => DeviceId::parse(b).map_err(|e| StoreError::Corrupt {
-                    what: "token device id",
-                    detail: e.to_string(),
-                })?,
-                (None, Some(r)) => r.clone(),
-                (None, None) => {
-                    DeviceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|e| {
-                        StoreError::Corrupt {
-                            what: "generated device id",
-                            detail: e.to_string(),
-                        }
-                    })?
-                }
-            };
+            let TokenUse { id, policy, bound } =
+                match rules::check_token(token, a.requested_id, now)? {
+                    Ok(u) => u,
+                    Err((why, dev)) => {
+                        return finish_refusal(tx, a.ctx, "enroll", dev.as_deref(), why)
+                    }
+                };
             let existing = load_device(&tx, id.as_str())?;
-            let refusal = match existing.as_ref().map(|d| d.state) {
-                Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
-                Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
-                Some(DeviceState::Active) if bound.is_none() => Some(Refusal::DeviceExists),
-                _ => None,
-            };
-            if let Some(r) = refusal {
+            if let Some(r) = rules::enroll_refusal(existing.as_ref().map(|d| d.state), bound) {
                 return finish_refusal(tx, a.ctx, "enroll", Some(id.as_str()), r);
             }
             let consumed = tx
@@ -383,17 +343,8 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(db("record device"))?;
-            let detail = format!(
-                "serial={} policy={} key={}{}",
-                cert.serial_hex,
-                policy,
-                a.key_fingerprint,
-                if existing.is_some() {
-                    " re-enrolment"
-                } else {
-                    ""
-                }
-            );
+            let detail =
+                rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
             insert_audit(
                 &tx,
                 &NewAudit {
@@ -404,10 +355,8 @@ impl Store for SqliteStore {
                     detail: &detail,
                 },
             )?;
-            let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
-                what: "device",
-                detail: "row missing right after insert".into(),
-            })?;
+            let record =
+                load_device(&tx, id.as_str())?.ok_or_else(|| rules::row_missing("insert"))?;
             tx.commit().map_err(db("commit"))?;
             (record, cert)
         };
@@ -425,13 +374,7 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db("begin"))?;
-        let refusal = match load_device(&tx, id.as_str())?.map(|d| d.state) {
-            None => Some(Refusal::DeviceUnknown),
-            Some(DeviceState::Revoked) => Some(Refusal::DeviceRevoked),
-            Some(DeviceState::Suspended) => Some(Refusal::DeviceSuspended),
-            Some(DeviceState::Active) => None,
-        };
-        if let Some(r) = refusal {
+        if let Some(r) = rules::renew_refusal(load_device(&tx, id.as_str())?.map(|d| d.state)) {
             return finish_refusal(tx, ctx, "renew", Some(id.as_str()), r);
         }
         let cert = issue(id)?;
@@ -447,7 +390,7 @@ impl Store for SqliteStore {
             ],
         )
         .map_err(db("record renewal"))?;
-        let detail = format!("serial={} key={}", cert.serial_hex, key_fingerprint);
+        let detail = rules::renew_detail(&cert, key_fingerprint);
         insert_audit(
             &tx,
             &NewAudit {
@@ -458,10 +401,7 @@ impl Store for SqliteStore {
                 detail: &detail,
             },
         )?;
-        let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
-            what: "device",
-            detail: "row missing right after update".into(),
-        })?;
+        let record = load_device(&tx, id.as_str())?.ok_or_else(|| rules::row_missing("update"))?;
         tx.commit().map_err(db("commit"))?;
         Ok(Ok((record, cert)))
     }
@@ -472,30 +412,22 @@ impl Store for SqliteStore {
         target: DeviceState,
         ctx: &AuditCtx,
     ) -> Outcome<DeviceRecord> {
-        let action = match target {
-            DeviceState::Active => "device.resume",
-            DeviceState::Suspended => "device.suspend",
-            DeviceState::Revoked => "device.revoke",
-        };
+        let action = rules::state_action(target);
         let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db("begin"))?;
-        let current = match load_device(&tx, id.as_str())? {
-            None => {
-                return finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceUnknown)
-            }
-            Some(d) => d.state,
-        };
-        if current == DeviceState::Revoked && target != DeviceState::Revoked {
-            return finish_refusal(tx, ctx, action, Some(id.as_str()), Refusal::DeviceRevoked);
-        }
+        let current =
+            match rules::state_change(load_device(&tx, id.as_str())?.map(|d| d.state), target) {
+                Ok(c) => c,
+                Err(r) => return finish_refusal(tx, ctx, action, Some(id.as_str()), r),
+            };
         tx.execute(
             "UPDATE devices SET state = ?1 WHERE id = ?2",
             params![target.as_str(), id.as_str()],
         )
         .map_err(db("change device state"))?;
-        let detail = format!("{current} -> {target}");
+        let detail = rules::state_detail(current, target);
         insert_audit(
             &tx,
             &NewAudit {
@@ -506,10 +438,7 @@ impl Store for SqliteStore {
                 detail: &detail,
             },
         )?;
-        let record = load_device(&tx, id.as_str())?.ok_or(StoreError::Corrupt {
-            what: "device",
-            detail: "row missing right after update".into(),
-        })?;
+        let record = load_device(&tx, id.as_str())?.ok_or_else(|| rules::row_missing("update"))?;
         tx.commit().map_err(db("commit"))?;
         Ok(Ok(record))
     }
