@@ -70,8 +70,11 @@ const INDEX_QUEUE: usize = 512;
 /// How long `list` waits for the index to catch up before it gives up.
 const READ_BARRIER: Duration = Duration::from_secs(10);
 
-/// How often the background checkpointer runs.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often the background checkpointer runs. Often, so that each checkpoint is small: a
+/// checkpoint writes every page changed since the last one and syncs the database file, and
+/// the commits' `fdatasync`s queue behind that burst. At 250 ms, checkpoints under full load
+/// took 15-24 ms and 22 of 30 commit stalls over 5 ms overlapped one (docs/benchmarks-profile.md).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 fn insert_sql(n: usize) -> String {
     let mut sql = String::from(
