@@ -164,23 +164,9 @@ impl AdminClient {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
-        match result {
-            Ok(resp) => resp
-                .into_json::<T>()
-                .map_err(|e| AdminError::Response(e.to_string())),
-            Err(ureq::Error::Status(status, resp)) => {
-                let body: Option<ErrorBody> = resp.into_json().ok();
-                Err(AdminError::Api {
-                    status,
-                    code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
-                    message: body.map(|b| b.error).unwrap_or_default(),
-                })
-            }
-            Err(ureq::Error::Transport(t)) => Err(AdminError::Connect {
-                url: self.base.clone(),
-                detail: t.to_string(),
-            }),
-        }
+        api_response(&self.base, result)?
+            .into_json::<T>()
+            .map_err(|e| AdminError::Response(e.to_string()))
     }
 
     /// Create a one-time enrolment token.
@@ -237,4 +223,27 @@ fn path_segment(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A response from the API at `base`, or the error it answered with (code and message from its
+/// JSON error body) or the transport failure.
+pub(crate) fn api_response(
+    base: &str,
+    result: Result<ureq::Response, ureq::Error>,
+) -> Result<ureq::Response, AdminError> {
+    match result {
+        Ok(r) => Ok(r),
+        Err(ureq::Error::Status(status, resp)) => {
+            let body: Option<ErrorBody> = resp.into_json().ok();
+            Err(AdminError::Api {
+                status,
+                code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
+                message: body.map(|b| b.error).unwrap_or_default(),
+            })
+        }
+        Err(ureq::Error::Transport(t)) => Err(AdminError::Connect {
+            url: base.to_owned(),
+            detail: t.to_string(),
+        }),
+    }
 }

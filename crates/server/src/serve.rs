@@ -89,9 +89,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
-/// Build the TLS server config from the data dir's `server.pem` / `server-key.pem`, trusting
-/// client certificates issued by `ca`.
-pub fn tls_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+/// The server's certificate chain and key from the data dir (`server.pem`, `server-key.pem`),
+/// for both listeners.
+pub(crate) fn server_identity(
+    cfg: &ServerConfig,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServeError> {
     let cert_path = cfg.path(SERVER_CERT_FILE);
     let key_path = cfg.path(SERVER_KEY_FILE);
     let chain_pem = std::fs::read(&cert_path).map_err(|e| io(&cert_path, e))?;
@@ -108,11 +110,23 @@ pub fn tls_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerConfi
         zeroize::Zeroizing::new(fsutil::read_private(&key_path).map_err(|e| io(&key_path, e))?);
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| ServeError::Tls(format!("{}: {e}", key_path.display())))?;
+    Ok((chain, key))
+}
+
+/// Trust anchors for client certificates: the fleet CA alone.
+pub(crate) fn fleet_roots(ca: &Ca) -> Result<Arc<RootCertStore>, ServeError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(ca.cert_der().clone())
         .map_err(|e| ServeError::Tls(format!("CA certificate: {e}")))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    Ok(Arc::new(roots))
+}
+
+/// Build the TLS server config from the data dir's `server.pem` / `server-key.pem`, trusting
+/// client certificates issued by `ca`.
+pub fn tls_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let (chain, key) = server_identity(cfg)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(fleet_roots(ca)?, provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| ServeError::Tls(format!("client verifier: {e}")))?;

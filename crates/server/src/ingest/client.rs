@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devid_proto::ErrorBody;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
@@ -87,25 +86,11 @@ impl MessagesClient {
 
     fn get(&self, agent: &ureq::Agent, path: &str) -> Result<ureq::Response, AdminError> {
         let url = format!("{}{path}", self.base);
-        match agent
+        let result = agent
             .get(&url)
             .set("Authorization", &format!("Bearer {}", self.bearer.as_str()))
-            .call()
-        {
-            Ok(r) => Ok(r),
-            Err(ureq::Error::Status(status, resp)) => {
-                let body: Option<ErrorBody> = resp.into_json().ok();
-                Err(AdminError::Api {
-                    status,
-                    code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
-                    message: body.map(|b| b.error).unwrap_or_default(),
-                })
-            }
-            Err(ureq::Error::Transport(t)) => Err(AdminError::Connect {
-                url: self.base.clone(),
-                detail: t.to_string(),
-            }),
-        }
+            .call();
+        crate::admin::api_response(&self.base, result)
     }
 
     /// One page of a device's messages (see `GET /v1/devices/{id}/messages`).

@@ -6,47 +6,19 @@
 use std::sync::Arc;
 
 use devid_proto::DeviceId;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::GeneralName;
 
 use crate::ca::Ca;
-use crate::config::{ServerConfig, SERVER_CERT_FILE, SERVER_KEY_FILE};
-use crate::fsutil;
-use crate::serve::{provider, ServeError};
+use crate::config::ServerConfig;
+use crate::serve::{fleet_roots, provider, server_identity, ServeError};
 
 /// Build the MQTT TLS server config.
 pub fn server_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerConfig>, ServeError> {
-    let cert_path = cfg.path(SERVER_CERT_FILE);
-    let key_path = cfg.path(SERVER_KEY_FILE);
-    let io = |p: &std::path::Path| {
-        let path = p.display().to_string();
-        move |source| ServeError::Io {
-            path: path.clone(),
-            source,
-        }
-    };
-    let chain_pem = std::fs::read(&cert_path).map_err(io(&cert_path))?;
-    let chain = CertificateDer::pem_slice_iter(&chain_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert_path.display())))?;
-    if chain.is_empty() {
-        return Err(ServeError::Tls(format!(
-            "{} holds no certificate",
-            cert_path.display()
-        )));
-    }
-    let key_pem = zeroize::Zeroizing::new(fsutil::read_private(&key_path).map_err(io(&key_path))?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", key_path.display())))?;
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca.cert_der().clone())
-        .map_err(|e| ServeError::Tls(format!("CA certificate: {e}")))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let (chain, key) = server_identity(cfg)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(fleet_roots(ca)?, provider())
         .build()
         .map_err(|e| ServeError::Tls(format!("client verifier: {e}")))?;
     let versions: &[&'static rustls::SupportedProtocolVersion] = if cfg.mqtt.tls12 {
