@@ -5,45 +5,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod enroll_support;
 
-use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use common::{check_chain, Server};
-use devid_enroll::{build_csr_with_keystore, enroll, renew, EnrollError};
-use devid_keystore::soft::SoftKeystore;
-use devid_keystore::Keystore;
+use devid_enroll::{build_csr_with_keystore, enroll, renew};
 use devid_testkit::postgres::PgCluster;
-
-fn soft_key(dir: &Path) -> Arc<dyn Keystore> {
-    std::fs::create_dir_all(dir).unwrap();
-    Arc::new(SoftKeystore::create(dir).unwrap())
-}
-
-fn spki(ks: &dyn Keystore) -> Vec<u8> {
-    devid_keystore::spki_der(&ks.public_key())
-}
-
-fn server_error(e: EnrollError) -> (u16, String) {
-    match e {
-        EnrollError::Server { status, code, .. } => (status, code),
-        other => panic!("expected a server refusal, got {other}"),
-    }
-}
-
-fn assert_refused(s: &Server, action: &str, code: &str) {
-    let audit = s.audit();
-    let last = audit.last().unwrap();
-    assert_eq!(
-        (
-            last.action.as_str(),
-            last.outcome.as_str(),
-            last.detail.as_str()
-        ),
-        (action, "refused", code),
-        "{last:?}"
-    );
-}
+use enroll_support::{assert_refused, server_error, soft_key, spki};
 
 /// Two enrolments race for each token, against `a` and `b` (the same server or two nodes):
 /// exactly one wins every round, the loser gets 409 token_used.
