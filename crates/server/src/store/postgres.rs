@@ -48,6 +48,8 @@ pub const STATE_CHANNEL: &str = "devid_device_state";
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often the listener looks whether its sink is still there.
 const LISTEN_POLL: Duration = Duration::from_secs(1);
+/// How often the listener checks that its connection still works.
+const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Connections in the pool.
 const POOL_SIZE: u32 = 8;
@@ -797,10 +799,17 @@ impl Listener {
 
     /// Hand notifications to the sink until it is gone (`Ok`) or the connection fails.
     fn deliver(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+        let mut probed = std::time::Instant::now();
         loop {
             let Some(sink) = self.sink.upgrade() else {
                 return Ok(());
             };
+            // A listening connection only reads: a peer that vanished without a reset would go
+            // unnoticed forever. Ask the server now and then.
+            if probed.elapsed() >= LISTEN_PROBE {
+                client.is_valid(CONNECT_TIMEOUT)?;
+                probed = std::time::Instant::now();
+            }
             let mut notes = client.notifications();
             let mut wait = notes.timeout_iter(LISTEN_POLL);
             while let Some(note) = wait.next()? {
