@@ -303,7 +303,8 @@ impl Report {
         let _ = writeln!(
             s,
             "| method | {} run(s) per scenario and server, servers alternating (devid, Mosquitto, \
-             devid, ...); timed scenarios: {:.1} s warm-up, {:.1} s measured; median (min-max) |\n",
+             devid, ...); timed scenarios: {:.1} s warm-up, {:.1} s measured; median (min-max); \
+             each devid run of 3 and 4 starts on a restarted server with no stored messages |\n",
             self.runs, self.warmup_secs, self.measure_secs
         );
 

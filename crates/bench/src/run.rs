@@ -159,6 +159,24 @@ impl Bench {
         }
     }
 
+    /// Before a devid run that stores messages: no messages from earlier runs (Mosquitto
+    /// stores none). Then a pause for the restarted server's start-up writes (the first
+    /// zero-filled log segments) to finish before the warm-up.
+    fn fresh(&mut self, kind: Kind) -> Result<(), BenchError> {
+        match kind {
+            Kind::Devid => {
+                self.devid.reset()?;
+                std::thread::sleep(if self.opts.quick {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_secs(2)
+                });
+                Ok(())
+            }
+            Kind::Mosquitto => Ok(()),
+        }
+    }
+
     fn configs(&self, n: usize, resume: bool) -> Result<Vec<DeviceConfig>, BenchError> {
         self.fleet.configs(0..n, resume)
     }
@@ -245,6 +263,8 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
         opts.enrol_concurrency,
     )?;
     tracing::info!(secs = fleet.enrol_time.as_secs_f64(), "fleet enrolled");
+    let mut devid = devid;
+    devid.snapshot()?;
     let mosq = Mosquitto::start_with(work.path(), &devid.dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(machine.nproc.max(1))
@@ -420,6 +440,7 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
         b.ab(
             id,
             |b, kind| {
+                b.fresh(kind)?;
                 let ep = b.endpoint(kind, protocol);
                 let pid = b.pid(kind)?;
                 b.rt.block_on(scenarios::throughput(
@@ -498,6 +519,7 @@ pub fn run(opts: Options) -> Result<Report, BenchError> {
                         "no Mosquitto maximum from 3a to derive the load from".into(),
                     ));
                 }
+                b.fresh(kind)?;
                 let ep = b.endpoint(kind, Protocol::V5);
                 b.rt.block_on(scenarios::latency(ep, &device, rate, 64, b.timing))
             },

@@ -221,6 +221,59 @@ impl DevidServer {
         kill(&mut self.child);
     }
 
+    /// The database files of the data dir (registry, audit, message index).
+    const DB_FILES: [&'static str; 3] = [
+        "devid-server.db",
+        "devid-server.db-wal",
+        "devid-server.db-shm",
+    ];
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.dir.with_extension("snapshot")
+    }
+
+    /// Keep a copy of the database as it is now (the enrolled fleet, no messages yet):
+    /// [`DevidServer::reset`] returns to it. Restarts the server.
+    pub fn snapshot(&mut self) -> Result<(), BenchError> {
+        self.stop();
+        let snap = self.snapshot_dir();
+        std::fs::create_dir_all(&snap)
+            .map_err(BenchError::io(format!("create {}", snap.display())))?;
+        for f in Self::DB_FILES {
+            let from = self.dir.join(f);
+            if from.exists() {
+                std::fs::copy(&from, snap.join(f))
+                    .map_err(BenchError::io(format!("copy {}", from.display())))?;
+            }
+        }
+        self.start()
+    }
+
+    /// Restart with no stored messages: the message log is removed and the database goes
+    /// back to the snapshot. Every throughput and latency run starts from the same state, and
+    /// a full run does not need the disk space of every message of every run at once.
+    pub fn reset(&mut self) -> Result<(), BenchError> {
+        self.stop();
+        let log = self.dir.join("devid-server.msglog");
+        if log.exists() {
+            std::fs::remove_dir_all(&log)
+                .map_err(BenchError::io(format!("remove {}", log.display())))?;
+        }
+        let snap = self.snapshot_dir();
+        for f in Self::DB_FILES {
+            let to = self.dir.join(f);
+            if to.exists() {
+                std::fs::remove_file(&to)
+                    .map_err(BenchError::io(format!("remove {}", to.display())))?;
+            }
+            if snap.join(f).exists() {
+                std::fs::copy(snap.join(f), &to)
+                    .map_err(BenchError::io(format!("restore {}", to.display())))?;
+            }
+        }
+        self.start()
+    }
+
     /// Its process id while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
