@@ -100,3 +100,59 @@ async fn revocation_on_one_node_closes_the_session_on_the_other_at_once() {
         "{metrics}"
     );
 }
+
+/// Each node's LISTEN connection, as PostgreSQL sees them.
+fn listeners(pg: &PgCluster, db: &str) -> usize {
+    pg.psql(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN devid_device_state'",
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_change_listener_survives_losing_its_connection() {
+    let pg = PgCluster::start();
+    let url = pg.url();
+    let db = "devid"; // the database PgCluster::url names
+    let a = Server::start_with(&["--db", &url]);
+    let b = a.another_node();
+    let ca = b.ca_pem_path();
+    let dev = enrol(&a, "pg-relisten", "default");
+    let wait_listeners = |what: &str| {
+        let start = Instant::now();
+        while listeners(&pg, db) < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{what}: the nodes do not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_listeners("at start");
+    // the database drops both listening connections (as a restart or a failover would)
+    let killed = pg.psql(
+        db,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE query = 'LISTEN devid_device_state') t",
+    );
+    assert_eq!(killed.trim(), "2", "terminated listeners");
+    wait_listeners("after the connections were cut");
+
+    let mut c = Client::connect_ok(b.mqtt_port, &ca, &dev, Protocol::V5).await;
+    let (dir, id) = (a.dir_str().to_owned(), dev.id.clone());
+    let start = Instant::now();
+    let revoke = tokio::task::spawn_blocking(move || {
+        common::run(&["device", "revoke", &id, "--data-dir", &dir])
+    });
+    let (why, _) = c.wait_closed(Duration::from_secs(10)).await;
+    let took = start.elapsed();
+    assert!(revoke.await.unwrap().status.success());
+    assert!(
+        took < Duration::from_secs(3),
+        "after reconnecting, node B closed the revoked session only after {took:?}"
+    );
+    assert_eq!(why, Some(reason::ADMINISTRATIVE_ACTION));
+}
