@@ -105,7 +105,7 @@ async fn revocation_on_one_node_closes_the_session_on_the_other_at_once() {
 fn listeners(pg: &PgCluster, db: &str) -> usize {
     pg.psql(
         db,
-        "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN devid_device_state'",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'devid-server:listen'",
     )
     .trim()
     .parse()
@@ -136,7 +136,7 @@ async fn the_state_change_listener_survives_losing_its_connection() {
     let killed = pg.psql(
         db,
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE query = 'LISTEN devid_device_state') t",
+         WHERE application_name = 'devid-server:listen') t",
     );
     assert_eq!(killed.trim(), "2", "terminated listeners");
     wait_listeners("after the connections were cut");

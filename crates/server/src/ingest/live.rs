@@ -9,9 +9,12 @@
 //! Several nodes sharing one PostgreSQL: a state change is published with
 //! `NOTIFY devid_device_state, '<id> <state>'` in the same transaction, and every node's
 //! listener (`Store::follow_state_changes`) calls [`LiveConnections::on_state_change`]. The
-//! same ordering argument holds across nodes, since the notice is delivered after the commit.
-//! While a node's listener is disconnected, the periodic registry re-check
-//! (`mqtt.registry_recheck_secs`) bounds how long its sessions outlive a revocation.
+//! same ordering argument holds across nodes while the listener's `LISTEN` is established
+//! (the notice is delivered after the commit). Each time it (re)establishes it, the listener
+//! hands over every device that is not active, which covers what was committed while it was
+//! not listening. A dead connection is noticed by a probe every 30 s; until the listener is
+//! back, the periodic registry re-check (`mqtt.registry_recheck_secs`) bounds how long a
+//! session outlives a revocation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -68,20 +71,20 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Ask the session to close (it sends MQTT 5 DISCONNECT with a reason, then closes).
-    /// The first reason given stands; returns whether this call gave it.
+    /// The first reason given stands, except that a revocation replaces any other; returns
+    /// whether this call set the reason (a repeated notice of the same change does not).
     pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self
+        let set = self
             .reason
-            .compare_exchange(
-                CloseReason::None as u8,
-                reason as u8,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                let replace = cur == CloseReason::None as u8
+                    || (reason == CloseReason::Revoked && cur != CloseReason::Revoked as u8);
+                replace.then_some(reason as u8)
+            })
             .is_ok();
         // notify_one stores a permit when the session is not waiting right now.
         self.notify.notify_one();
-        first
+        set
     }
 
     /// Wait until asked to close.
@@ -218,8 +221,11 @@ mod tests {
         drop(a); // must not remove b's entry
         assert_eq!(t.len(), 1);
         assert!(!t.on_state_change("dev", DeviceState::Active));
-        assert!(t.on_state_change("dev", DeviceState::Revoked));
+        assert!(t.on_state_change("dev", DeviceState::Suspended));
         // the same change noticed again (a node's own NOTIFY) closes nothing new
+        assert!(!t.on_state_change("dev", DeviceState::Suspended));
+        // a revocation right behind it still counts and is the reason the session gets
+        assert!(t.on_state_change("dev", DeviceState::Revoked));
         assert!(!t.on_state_change("dev", DeviceState::Revoked));
         assert_eq!(b.handle.closed().await, CloseReason::Revoked);
         drop(b);

@@ -123,8 +123,9 @@ impl Telemetry {
         }))
     }
 
-    /// Called by the admin API after a registry state change is committed: a device that is
-    /// no longer active loses its live session now (MQTT 5 DISCONNECT 0x98, then close).
+    /// Called after a registry state change is committed (by this node's admin API, or by the
+    /// listener for changes any node committed to a shared PostgreSQL): a device that is no
+    /// longer active loses its live session now (MQTT 5 DISCONNECT 0x98, then close).
     pub fn on_state_change(&self, id: &DeviceId, state: DeviceState) {
         if self.live.on_state_change(id.as_str(), state) {
             self.metrics.live_revocations.inc();

@@ -727,8 +727,14 @@ impl Store for PostgresStore {
         &self,
         sink: std::sync::Weak<dyn StateChangeSink>,
     ) -> Result<bool, StoreError> {
+        let mut config = self.config.clone();
+        let name = format!(
+            "{}:listen",
+            config.get_application_name().unwrap_or("devid-server")
+        );
+        config.application_name(&name);
         let listener = Listener {
-            config: self.config.clone(),
+            config,
             shown: self.shown.clone(),
             password: self.password.clone(),
             sink,
@@ -760,8 +766,13 @@ impl Listener {
         let mut lost = false;
         while self.sink.strong_count() > 0 {
             let listening = self.config.connect(NoTls).and_then(|mut c| {
-                c.batch_execute(&format!("LISTEN {STATE_CHANNEL}"))
-                    .map(|()| c)
+                c.batch_execute(&format!("LISTEN {STATE_CHANNEL}"))?;
+                // Changes committed before LISTEN took effect (at start, or while the
+                // connection was lost) sent no notice this node saw: hand over every device
+                // that is not active now. A session that registers later reads the registry
+                // itself; anything committed from here on arrives as a notice.
+                self.sweep(&mut c)?;
+                Ok(c)
             });
             let mut client = match listening {
                 Ok(c) => c,
@@ -797,22 +808,40 @@ impl Listener {
         }
     }
 
+    /// Tell the sink about every device that is suspended or revoked now.
+    fn sweep(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+        let rows = client.query("SELECT id, state FROM devices WHERE state <> 'active'", &[])?;
+        let Some(sink) = self.sink.upgrade() else {
+            return Ok(());
+        };
+        for row in rows {
+            let (id, state): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            if let (Ok(id), Ok(state)) = (DeviceId::parse(&id), state.parse()) {
+                sink.state_changed(&id, state);
+            }
+        }
+        Ok(())
+    }
+
     /// Hand notifications to the sink until it is gone (`Ok`) or the connection fails.
     fn deliver(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
         let mut probed = std::time::Instant::now();
-        loop {
-            let Some(sink) = self.sink.upgrade() else {
-                return Ok(());
-            };
+        while self.sink.strong_count() > 0 {
             // A listening connection only reads: a peer that vanished without a reset would go
             // unnoticed forever. Ask the server now and then.
             if probed.elapsed() >= LISTEN_PROBE {
                 client.is_valid(CONNECT_TIMEOUT)?;
                 probed = std::time::Instant::now();
             }
+            // At most LISTEN_POLL per round, even while notices keep coming (the iterator's
+            // timeout restarts with each one): the probe and the sink check above still run.
+            let round = std::time::Instant::now() + LISTEN_POLL;
             let mut notes = client.notifications();
             let mut wait = notes.timeout_iter(LISTEN_POLL);
             while let Some(note) = wait.next()? {
+                let Some(sink) = self.sink.upgrade() else {
+                    return Ok(());
+                };
                 match parse_state_note(note.payload()) {
                     Some((id, state)) => sink.state_changed(&id, state),
                     None => tracing::warn!(
@@ -820,8 +849,12 @@ impl Listener {
                         "ignoring a malformed state-change notification"
                     ),
                 }
+                if std::time::Instant::now() >= round {
+                    break;
+                }
             }
         }
+        Ok(())
     }
 }
 
