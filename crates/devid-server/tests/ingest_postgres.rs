@@ -2,7 +2,8 @@
 //! through node B's MQTT listener (mosquitto_pub, MQTT 5, QoS 1) and node A serves the stored
 //! rows (the message store is the shared database, not a per-node file). A device revoked or
 //! suspended through one node loses its live session on the other at once (LISTEN/NOTIFY),
-//! not only at the next periodic registry re-check.
+//! not only at the next periodic registry re-check, and a node that was not listening when
+//! the change committed catches up when it listens again.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -155,4 +156,64 @@ async fn the_state_change_listener_survives_losing_its_connection() {
         "after reconnecting, node B closed the revoked session only after {took:?}"
     );
     assert_eq!(why, Some(reason::ADMINISTRATIVE_ACTION));
+}
+
+/// A revocation committed while a node's LISTEN connection is down sends a notification that
+/// node never receives; once it listens again, its catch-up sweep of the registry closes the
+/// session anyway. Without the sweep the session would live until the periodic re-check (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_missed_while_not_listening_is_caught_up_after_reconnecting() {
+    let pg = PgCluster::start();
+    let url = pg.url();
+    // psql goes to the `postgres` database: `devid` refuses new connections for a while
+    let db = "postgres";
+    let a = Server::start_with(&["--db", &url]);
+    let b = a.another_node();
+    let ca = b.ca_pem_path();
+    let dev = enrol(&a, "pg-missed", "default");
+    let wait_for = |want: usize, what: &str| {
+        let start = Instant::now();
+        while listeners(&pg, db) != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{what}: expected {want} listening connections"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(2, "at start");
+    let mut c = Client::connect_ok(b.mqtt_port, &ca, &dev, Protocol::V5).await;
+    // No new connection to the database (superusers included) while the listeners are cut,
+    // so they cannot come back before the revocation commits. Node A's API still has the
+    // pooled connection it enrolled with.
+    pg.psql(db, "ALTER DATABASE devid ALLOW_CONNECTIONS false");
+    pg.psql(
+        db,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'devid-server:listen') t",
+    );
+    wait_for(0, "after terminating them");
+    let out = common::run(&["device", "revoke", &dev.id, "--data-dir", a.dir_str()]);
+    assert!(
+        out.status.success(),
+        "device revoke through node A: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        listeners(&pg, db),
+        0,
+        "nobody listened when the revocation committed"
+    );
+    pg.psql(db, "ALTER DATABASE devid ALLOW_CONNECTIONS true");
+    let start = Instant::now();
+    let (why, _) = c.wait_closed(Duration::from_secs(15)).await;
+    let took = start.elapsed();
+    eprintln!("missed notification: node B closed the session {took:?} after connections were allowed again");
+    assert_eq!(why, Some(reason::ADMINISTRATIVE_ACTION));
+    // the listener retries after 1 s, then 2 s, ... (at most LISTEN_RETRY_MAX)
+    assert!(
+        took < Duration::from_secs(8),
+        "node B closed the session only after {took:?}: no catch-up sweep after re-LISTEN"
+    );
+    wait_for(2, "at the end");
 }

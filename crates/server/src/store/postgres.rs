@@ -751,8 +751,9 @@ impl Store for PostgresStore {
 }
 
 /// `LISTEN`s on [`STATE_CHANNEL`] with a connection of its own and tells the sink; reconnects
-/// with backoff. While it is disconnected, a change on another node reaches this node's
-/// sessions through their periodic registry re-check (`mqtt.registry_recheck_secs`) instead.
+/// with backoff. A change committed while it is disconnected reaches this node's sessions
+/// through the sweep after it listens again, or their periodic registry re-check
+/// (`mqtt.registry_recheck_secs`), whichever comes first.
 struct Listener {
     config: postgres::Config,
     shown: String,
