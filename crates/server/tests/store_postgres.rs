@@ -28,6 +28,12 @@ fn store_contract_on_postgres() {
     store_scenarios::refusals_change_nothing_but_the_audit_log(&PostgresStore::open(&url).unwrap());
     let url = pg.create_database("renewal");
     store_scenarios::renewal_and_reenrolment(&PostgresStore::open(&url).unwrap());
+    let url = pg.create_database("lookup");
+    assert_eq!(
+        store_scenarios::try_device_now_agrees_with_device(&PostgresStore::open(&url).unwrap()),
+        0,
+        "a networked store never reads on the caller's thread"
+    );
 }
 
 #[test]

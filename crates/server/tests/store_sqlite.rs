@@ -72,3 +72,13 @@ fn revocation_is_permanent_and_audit_is_append_only() {
     let again = SqliteStore::open(&path).unwrap();
     assert_eq!(again.devices().unwrap().len(), 1);
 }
+
+#[test]
+fn the_registry_read_at_connect_is_answered_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    // nothing else holds the connection, so every lookup is answered at once
+    assert_eq!(
+        store_scenarios::try_device_now_agrees_with_device(&*open(&dir)),
+        3
+    );
+}

@@ -320,11 +320,9 @@ async fn authenticate(
     // Register BEFORE reading the registry: a state change committed after our read finds
     // us in the table (see live.rs).
     let guard = tel.live.register(id.as_str());
-    let store = state.store.clone();
-    let lookup = id.clone();
-    let record = match tokio::task::spawn_blocking(move || store.device(&lookup)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    let record = match read_device(&state.store, &id).await {
+        Ok(r) => r,
+        Err(e) => {
             tracing::error!(error = %e, %addr, "registry lookup failed");
             return Err(refused(
                 "registry_unavailable",
@@ -332,14 +330,6 @@ async fn authenticate(
                 V3_SERVER_UNAVAILABLE,
                 Some(&id),
             ));
-        }
-        Err(_) => {
-            return Err(refused(
-                "registry_unavailable",
-                0x88,
-                V3_SERVER_UNAVAILABLE,
-                Some(&id),
-            ))
         }
     };
     let record = match record {
@@ -904,19 +894,37 @@ async fn registry_says_close(
     id: DeviceId,
     key_fingerprint: String,
 ) -> Option<CloseReason> {
-    match tokio::task::spawn_blocking(move || store.device(&id)).await {
-        Ok(Ok(Some(r))) => match r.state {
+    match read_device(&store, &id).await {
+        Ok(Some(r)) => match r.state {
             DeviceState::Active if r.key_fingerprint == key_fingerprint => None,
             DeviceState::Active => Some(CloseReason::Revoked),
             DeviceState::Suspended => Some(CloseReason::Suspended),
             DeviceState::Revoked => Some(CloseReason::Revoked),
         },
-        Ok(Ok(None)) => Some(CloseReason::Revoked),
+        Ok(None) => Some(CloseReason::Revoked),
         // a database hiccup does not cut live sessions; the next check decides
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::warn!(error = %e, "registry re-check failed");
             None
         }
-        Err(_) => None,
+    }
+}
+
+/// The registry's record of `id`: read in place when the store can answer at once, else on
+/// the blocking pool.
+async fn read_device(
+    store: &Arc<dyn crate::store::Store>,
+    id: &DeviceId,
+) -> Result<Option<crate::store::DeviceRecord>, crate::store::StoreError> {
+    if let Some(r) = store.try_device_now(id) {
+        return r;
+    }
+    let (store, id) = (store.clone(), id.clone());
+    match tokio::task::spawn_blocking(move || store.device(&id)).await {
+        Ok(r) => r,
+        Err(e) => Err(crate::store::StoreError::Db {
+            operation: "read device",
+            detail: format!("the lookup task failed: {e}"),
+        }),
     }
 }

@@ -253,6 +253,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// One device.
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
+    /// [`Store::device`], but only if it can be answered at once without waiting for a lock
+    /// or the network (an embedded database whose connection is free): `None` tells the
+    /// caller to use [`Store::device`] off the async executor. The MQTT ingest reads the
+    /// registry at every CONNECT; this saves that read a trip through the blocking pool.
+    fn try_device_now(&self, _id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
+        None
+    }
+
     /// Every device, by id.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
 

@@ -447,6 +447,16 @@ impl Store for SqliteStore {
         load_device(&*self.conn()?, id.as_str())
     }
 
+    fn try_device_now(&self, id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
+        // A WAL reader never waits for writers of other connections; this connection may be
+        // busy with a write (and its fsync), and then the caller takes the blocking path.
+        match self.conn.try_lock() {
+            Ok(conn) => Some(load_device(&conn, id.as_str())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(_)) => Some(self.conn().map(|_| None)),
+        }
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn

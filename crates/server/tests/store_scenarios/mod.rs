@@ -286,3 +286,36 @@ pub fn revocation_is_permanent(store: &dyn Store) -> String {
         .unwrap());
     tok
 }
+
+/// Whenever a store answers `try_device_now`, it answers what `device` answers: the record of
+/// an active device, the new state after a revocation, nothing for an unknown id.
+/// Returns how many of the three lookups were answered at once.
+pub fn try_device_now_agrees_with_device(store: &dyn Store) -> usize {
+    let ca = Ca::generate("localhost", now_ms()).unwrap();
+    let tok = new_token(store, Some("quick"), 60_000);
+    let id = enroll(store, &ca, &tok, None).unwrap();
+    let nobody = DeviceId::parse("nobody").unwrap();
+    let mut answered = 0;
+    let mut check = |id: &DeviceId| {
+        let slow = store.device(id).unwrap();
+        if let Some(now) = store.try_device_now(id) {
+            answered += 1;
+            let now = now.unwrap();
+            assert_eq!(
+                now.as_ref()
+                    .map(|r| (r.id.clone(), r.state, r.key_fingerprint.clone())),
+                slow.as_ref()
+                    .map(|r| (r.id.clone(), r.state, r.key_fingerprint.clone())),
+            );
+        }
+        slow.map(|r| r.state)
+    };
+    assert_eq!(check(&id), Some(DeviceState::Active));
+    store
+        .set_state(&id, DeviceState::Revoked, &ctx())
+        .unwrap()
+        .unwrap();
+    assert_eq!(check(&id), Some(DeviceState::Revoked));
+    assert_eq!(check(&nobody), None);
+    answered
+}
