@@ -176,11 +176,17 @@ impl Fleet {
             .with_webpki_verifier(self.verifier.clone())
             .with_client_auth_cert(d.chain.clone(), PrivateKeyDer::Pkcs8(d.key.clone_key()))
             .map_err(|e| BenchError::Tls(format!("{}: client certificate: {e}", d.id)))?;
-        cfg.resumption = if resume {
-            Resumption::in_memory_sessions(8)
+        if resume {
+            cfg.resumption = Resumption::in_memory_sessions(8);
         } else {
-            Resumption::disabled()
-        };
+            cfg.resumption = Resumption::disabled();
+            // A client that never resumes says so (RFC 9149), as a careful device would:
+            // servers that honour the request skip issuing tickets it would throw away.
+            cfg.send_ticket_request = Some(rustls::client::TicketRequest {
+                new_session_count: 0,
+                resumption_count: 0,
+            });
+        }
         Ok(Arc::new(cfg))
     }
 

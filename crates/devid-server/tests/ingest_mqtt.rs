@@ -779,3 +779,44 @@ fn messages_tail_follows_the_stream() {
     assert_eq!(lines[1]["payload_encoding"], "base64");
     assert_eq!(lines[1]["device_id"], "tailed");
 }
+
+/// A device that reconnects resumes TLS with the ticket of its last session (one per
+/// handshake); a client that asks for no tickets (RFC 9149 `ticket_request`, as one that
+/// never resumes would) gets none, so its next connection is a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tickets_follow_the_clients_request() {
+    let s = Server::start_with_config(&[], FAST);
+    let dev = enrol(&s, "ticket-dev", "default");
+    let ca = s.ca_pem_path();
+    for (asked, want) in [
+        (None, rustls::HandshakeKind::Resumed),
+        (Some(0u8), rustls::HandshakeKind::Full),
+    ] {
+        let mut cfg = (*tls_config(&ca, Some(&dev))).clone();
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(4);
+        cfg.send_ticket_request = asked.map(|n| rustls::client::TicketRequest {
+            new_session_count: n,
+            resumption_count: n,
+        });
+        let cfg = std::sync::Arc::new(cfg);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let stream = tls_connect(s.mqtt_port, cfg.clone()).await.unwrap();
+            kinds.push(stream.get_ref().1.handshake_kind());
+            let mut c = Client::new(stream, V5);
+            c.send(connect_packet(V5, &dev.id, 30)).await.unwrap();
+            // the ticket travels after the handshake: reading CONNACK takes it in
+            match c.recv(Duration::from_secs(5)).await.unwrap() {
+                Some(Packet::ConnAck { code: 0, .. }) => {}
+                other => panic!("{other:?}"),
+            }
+            c.send(Packet::Disconnect { reason: 0 }).await.unwrap();
+            let _ = c.wait_closed(Duration::from_secs(5)).await;
+        }
+        assert_eq!(
+            kinds,
+            vec![Some(rustls::HandshakeKind::Full), Some(want)],
+            "ticket_request {asked:?}"
+        );
+    }
+}

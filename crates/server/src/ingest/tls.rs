@@ -35,6 +35,9 @@ pub fn server_config(cfg: &ServerConfig, ca: &Ca) -> Result<Arc<rustls::ServerCo
     // One ticket per handshake (rustls sends two by default): a device reconnects with the
     // newest one, and each resumed connection brings a fresh ticket.
     config.send_tls13_tickets = 1;
+    // RFC 9149: a client may ask for fewer tickets (none, when it never resumes); honour
+    // that, up to the same one.
+    config.max_tls13_tickets = 1;
     // Our suite order (AES-128-GCM first, see serve::provider), not the client's.
     config.ignore_client_order = true;
     // A resumed session still passes the registry check at CONNECT, and the certificate's
