@@ -820,3 +820,49 @@ async fn session_tickets_follow_the_clients_request() {
         );
     }
 }
+
+/// The registry's `last_seen` moves forward when a device connects over MQTT (written within
+/// about a second), not when a connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_follows_mqtt_connections_but_not_refusals() {
+    let s = Server::start_with_config(&[], &format!("{FAST}\nmqtt.last_seen_resolution_secs = 1"));
+    let dev = enrol(&s, "seen-dev", "default");
+    let gone = enrol(&s, "seen-revoked", "default");
+    s.cli(&["device", "revoke", "seen-revoked"]);
+    let last_seen = |id: &str| {
+        let d = s.devices().into_iter().find(|d| d.id == id).unwrap();
+        time::OffsetDateTime::parse(&d.last_seen, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let (before, gone_before) = (last_seen("seen-dev"), last_seen("seen-revoked"));
+    // older than the resolution, so the next connect counts
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let ca = s.ca_pem_path();
+    let connected_at = time::OffsetDateTime::now_utc();
+    let _c = Client::connect_ok(s.mqtt_port, &ca, &dev, V5).await;
+    let (_, code) = Client::connect(s.mqtt_port, &ca, &gone, V5, "seen-revoked")
+        .await
+        .unwrap();
+    assert_eq!(code, reason::BAD_CREDENTIALS);
+    let start = Instant::now();
+    loop {
+        let now_seen = last_seen("seen-dev");
+        if now_seen > before {
+            assert!(
+                now_seen >= connected_at - time::Duration::milliseconds(5),
+                "last_seen {now_seen} is before the connect at {connected_at}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "last_seen stayed {before} after an MQTT connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last_seen("seen-revoked"),
+        gone_before,
+        "a refused connect is not 'seen'"
+    );
+}

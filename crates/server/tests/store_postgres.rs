@@ -28,6 +28,8 @@ fn store_contract_on_postgres() {
     store_scenarios::refusals_change_nothing_but_the_audit_log(&PostgresStore::open(&url).unwrap());
     let url = pg.create_database("renewal");
     store_scenarios::renewal_and_reenrolment(&PostgresStore::open(&url).unwrap());
+    let url = pg.create_database("seen");
+    store_scenarios::last_seen_only_moves_forward(&PostgresStore::open(&url).unwrap());
     let url = pg.create_database("lookup");
     assert_eq!(
         store_scenarios::try_device_now_agrees_with_device(&PostgresStore::open(&url).unwrap()),

@@ -82,3 +82,9 @@ fn the_registry_read_at_connect_is_answered_in_place() {
         3
     );
 }
+
+#[test]
+fn last_seen_only_moves_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    store_scenarios::last_seen_only_moves_forward(&*open(&dir));
+}

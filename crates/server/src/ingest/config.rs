@@ -47,6 +47,10 @@ pub struct MqttSettings {
     /// revocation is immediate on this node; this bounds it when another node changed the
     /// state).
     pub registry_recheck_secs: u64,
+    /// A device's `last_seen` in the registry is moved forward when it connects, or its session
+    /// is re-checked, and the stored value is older than this many seconds (written in
+    /// batches, at most once a second).
+    pub last_seen_resolution_secs: u64,
     /// At most one audit row per device (or source address) and refusal reason in this
     /// window, seconds; the next row counts the ones left out.
     pub audit_interval_secs: u64,
@@ -71,6 +75,7 @@ impl Default for MqttSettings {
             commit_batch_max: 4_096,
             commit_queue: 65_536,
             registry_recheck_secs: 60,
+            last_seen_resolution_secs: 300,
             audit_interval_secs: 10,
         }
     }
@@ -153,6 +158,12 @@ impl MqttSettings {
         if self.registry_recheck_secs == 0 {
             return Err(invalid("mqtt.registry_recheck_secs", "must be at least 1"));
         }
+        if self.last_seen_resolution_secs == 0 {
+            return Err(invalid(
+                "mqtt.last_seen_resolution_secs",
+                "must be at least 1",
+            ));
+        }
         Ok(())
     }
 
@@ -203,6 +214,9 @@ impl MqttSettings {
              mqtt.commit_queue = {cq}\n\
              # Re-read every connected device's registry state this often (s).\n\
              mqtt.registry_recheck_secs = {rr}\n\
+             # Move a device's last_seen forward (at connect and at each re-check) when it is\n\
+             # older than this (s); written in batches.\n\
+             mqtt.last_seen_resolution_secs = {ls}\n\
              # At most one audit row per device and refusal reason in this many seconds.\n\
              mqtt.audit_interval_secs = {ai}\n",
             tls12 = self.tls12,
@@ -221,6 +235,7 @@ impl MqttSettings {
             cbm = self.commit_batch_max,
             cq = self.commit_queue,
             rr = self.registry_recheck_secs,
+            ls = self.last_seen_resolution_secs,
             ai = self.audit_interval_secs,
         )
     }

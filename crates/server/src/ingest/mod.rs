@@ -23,8 +23,9 @@
 //! ever logged, audited or put in an error; a device that is suspended or revoked loses its
 //! session at once (on this node) and cannot reconnect.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use devid_proto::{DeviceId, DeviceState};
@@ -54,6 +55,9 @@ pub mod tls;
 /// is told how many).
 const STREAM_CAPACITY: usize = 4_096;
 
+/// How often pending `last_seen` times are written to the registry.
+const LAST_SEEN_FLUSH: Duration = Duration::from_secs(1);
+
 /// Everything the ingest shares between connections and with the HTTP API.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -72,6 +76,8 @@ pub struct Telemetry {
     /// Per-source handshake limits.
     pub sources: Arc<limits::SourceLimiter>,
     audit_limiter: limits::AuditLimiter,
+    /// `last_seen` times not yet written, by device (sorted: batches lock rows in id order).
+    last_seen: Mutex<BTreeMap<DeviceId, i64>>,
 }
 
 impl Telemetry {
@@ -120,7 +126,52 @@ impl Telemetry {
             metrics,
             commits,
             stream,
+            last_seen: Mutex::new(BTreeMap::new()),
         }))
+    }
+
+    /// `id` is connected now: queue a new `last_seen` for the registry when the stored one
+    /// (`stored_ms`) is older than `mqtt.last_seen_resolution_secs`.
+    pub(crate) fn seen(&self, id: &DeviceId, stored_ms: i64) {
+        let now = now_ms();
+        let resolution = i64::try_from(self.settings.last_seen_resolution_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        if now.saturating_sub(stored_ms) < resolution {
+            return;
+        }
+        let mut pending = match self.last_seen.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        let t = pending.entry(id.clone()).or_insert(now);
+        *t = (*t).max(now);
+    }
+
+    /// Write the queued `last_seen` times in one transaction (blocking). On failure they stay
+    /// queued for the next round.
+    pub fn flush_last_seen(&self, store: &dyn crate::store::Store) {
+        let batch: Vec<(DeviceId, i64)> = {
+            let mut pending = match self.last_seen.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            std::mem::take(&mut *pending).into_iter().collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = store.record_last_seen(&batch) {
+            tracing::warn!(error = %e, devices = batch.len(), "recording last-seen times failed");
+            let mut pending = match self.last_seen.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            for (id, ms) in batch {
+                let t = pending.entry(id).or_insert(ms);
+                *t = (*t).max(ms);
+            }
+        }
     }
 
     /// Called after a registry state change is committed (by this node's admin API, or by the
@@ -242,6 +293,7 @@ pub async fn serve(
 ) {
     let tel = state.telemetry.clone();
     tel.follow_state_changes(&state.store);
+    flush_last_seen_every_second(Arc::downgrade(&tel), state.store.clone());
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(tel.settings.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -286,5 +338,24 @@ pub async fn serve(
         });
     }
     tel.live.close_all();
+    let store = state.store.clone();
+    let _ = tokio::task::spawn_blocking(move || tel.flush_last_seen(&*store)).await;
     tracing::info!("MQTT listener stopped");
+}
+
+/// A thread that writes the queued `last_seen` times every [`LAST_SEEN_FLUSH`] until the
+/// telemetry is dropped.
+fn flush_last_seen_every_second(tel: Weak<Telemetry>, store: Arc<dyn crate::store::Store>) {
+    let spawned = std::thread::Builder::new()
+        .name("devid-last-seen".into())
+        .spawn(move || loop {
+            std::thread::sleep(LAST_SEEN_FLUSH);
+            match tel.upgrade() {
+                Some(t) => t.flush_last_seen(&*store),
+                None => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the last-seen writer; last_seen stays as enrolled");
+    }
 }

@@ -380,6 +380,7 @@ async fn authenticate(
             Some(&id),
         ));
     }
+    tel.seen(&id, record.last_seen_ms);
     let max_ka = tel.settings.max_keepalive_secs;
     let (ka, announce) = if connect.keep_alive == 0 || connect.keep_alive > max_ka {
         (max_ka, Some(max_ka))
@@ -589,6 +590,7 @@ impl Session {
                 _ = recheck.tick() => {
                     let check = registry_says_close(
                         self.state.store.clone(),
+                        self.tel.clone(),
                         self.id.clone(),
                         self.key_fingerprint.clone(),
                     );
@@ -891,12 +893,16 @@ impl Session {
 /// device's key changed).
 async fn registry_says_close(
     store: Arc<dyn crate::store::Store>,
+    tel: Arc<Telemetry>,
     id: DeviceId,
     key_fingerprint: String,
 ) -> Option<CloseReason> {
     match read_device(&store, &id).await {
         Ok(Some(r)) => match r.state {
-            DeviceState::Active if r.key_fingerprint == key_fingerprint => None,
+            DeviceState::Active if r.key_fingerprint == key_fingerprint => {
+                tel.seen(&id, r.last_seen_ms);
+                None
+            }
             DeviceState::Active => Some(CloseReason::Revoked),
             DeviceState::Suspended => Some(CloseReason::Suspended),
             DeviceState::Revoked => Some(CloseReason::Revoked),

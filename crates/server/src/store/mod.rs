@@ -253,6 +253,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// One device.
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
+    /// Move devices' `last_seen` forward to the given times (ms since the epoch; an older time
+    /// than the stored one changes nothing), in one transaction. Unknown ids are skipped.
+    fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError>;
+
     /// [`Store::device`], but only if it can be answered at once without waiting for a lock
     /// or the network (an embedded database whose connection is free): `None` tells the
     /// caller to use [`Store::device`] off the async executor. The MQTT ingest reads the

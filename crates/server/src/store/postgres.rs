@@ -678,6 +678,21 @@ impl Store for PostgresStore {
         self.load_device(&mut *conn, id.as_str())
     }
 
+    fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        let stmt = tx
+            .prepare("UPDATE devices SET last_seen = $1 WHERE id = $2 AND last_seen < $1")
+            .map_err(self.db("record last seen"))?;
+        // Rows are locked in the order given; callers sort by id so that two nodes'
+        // batches cannot deadlock.
+        for (id, ms) in seen {
+            tx.execute(&stmt, &[ms, &id.as_str()])
+                .map_err(self.db("record last seen"))?;
+        }
+        tx.commit().map_err(self.db("commit"))
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let rows = self
             .conn()?

@@ -447,6 +447,25 @@ impl Store for SqliteStore {
         load_device(&*self.conn()?, id.as_str())
     }
 
+    fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE devices SET last_seen = ?1 WHERE id = ?2 AND last_seen < ?1",
+                )
+                .map_err(db("record last seen"))?;
+            for (id, ms) in seen {
+                stmt.execute(params![ms, id.as_str()])
+                    .map_err(db("record last seen"))?;
+            }
+        }
+        tx.commit().map_err(db("commit"))
+    }
+
     fn try_device_now(&self, id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
         // A WAL reader never waits for writers of other connections; this connection may be
         // busy with a write (and its fsync), and then the caller takes the blocking path.

@@ -319,3 +319,32 @@ pub fn try_device_now_agrees_with_device(store: &dyn Store) -> usize {
     assert_eq!(check(&nobody), None);
     answered
 }
+
+/// `record_last_seen` moves `last_seen` forward only, skips unknown ids, and works for a
+/// device revoked since it was seen (a batch never fails on one).
+pub fn last_seen_only_moves_forward(store: &dyn Store) {
+    let ca = Ca::generate("localhost", now_ms()).unwrap();
+    let a = enroll(store, &ca, &new_token(store, Some("seen-a"), 60_000), None).unwrap();
+    let b = enroll(store, &ca, &new_token(store, Some("seen-b"), 60_000), None).unwrap();
+    store
+        .set_state(&b, DeviceState::Revoked, &ctx())
+        .unwrap()
+        .unwrap();
+    let seen = |id: &DeviceId| store.device(id).unwrap().unwrap().last_seen_ms;
+    let (a0, b0) = (seen(&a), seen(&b));
+    let nobody = DeviceId::parse("seen-nobody").unwrap();
+    store
+        .record_last_seen(&[
+            (a.clone(), a0 + 5_000),
+            (b.clone(), b0 + 7_000),
+            (nobody, 1),
+        ])
+        .unwrap();
+    assert_eq!((seen(&a), seen(&b)), (a0 + 5_000, b0 + 7_000));
+    store.record_last_seen(&[(a.clone(), a0 + 1_000)]).unwrap();
+    assert_eq!(seen(&a), a0 + 5_000, "an older time changes nothing");
+    assert_eq!(
+        store.device(&b).unwrap().unwrap().state,
+        DeviceState::Revoked
+    );
+}
