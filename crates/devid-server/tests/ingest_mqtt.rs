@@ -860,6 +860,9 @@ async fn last_seen_follows_mqtt_connections_but_not_refusals() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // a wrongly queued time for the refused device would be written by now (flushes run
+    // every second)
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         last_seen("seen-revoked"),
         gone_before,

@@ -57,6 +57,8 @@ const STREAM_CAPACITY: usize = 4_096;
 
 /// How often pending `last_seen` times are written to the registry.
 const LAST_SEEN_FLUSH: Duration = Duration::from_secs(1);
+/// Most devices per `last_seen` transaction.
+const LAST_SEEN_CHUNK: usize = 500;
 
 /// Everything the ingest shares between connections and with the HTTP API.
 #[derive(Debug)]
@@ -148,9 +150,10 @@ impl Telemetry {
         *t = (*t).max(now);
     }
 
-    /// Write the queued `last_seen` times in one transaction (blocking). On failure they stay
+    /// Write the queued `last_seen` times (blocking), [`LAST_SEEN_CHUNK`] devices per
+    /// transaction so that no transaction holds many rows' locks for long. What fails stays
     /// queued for the next round.
-    pub fn flush_last_seen(&self, store: &dyn crate::store::Store) {
+    pub fn flush_last_seen(&self, store: &dyn crate::store::Store) -> Result<(), StoreError> {
         let batch: Vec<(DeviceId, i64)> = {
             let mut pending = match self.last_seen.lock() {
                 Ok(p) => p,
@@ -158,20 +161,21 @@ impl Telemetry {
             };
             std::mem::take(&mut *pending).into_iter().collect()
         };
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = store.record_last_seen(&batch) {
-            tracing::warn!(error = %e, devices = batch.len(), "recording last-seen times failed");
-            let mut pending = match self.last_seen.lock() {
-                Ok(p) => p,
-                Err(p) => p.into_inner(),
-            };
-            for (id, ms) in batch {
-                let t = pending.entry(id).or_insert(ms);
-                *t = (*t).max(ms);
+        let mut chunks = batch.chunks(LAST_SEEN_CHUNK);
+        for chunk in chunks.by_ref() {
+            if let Err(e) = store.record_last_seen(chunk) {
+                let mut pending = match self.last_seen.lock() {
+                    Ok(p) => p,
+                    Err(p) => p.into_inner(),
+                };
+                for (id, ms) in std::iter::once(chunk).chain(chunks).flatten() {
+                    let t = pending.entry(id.clone()).or_insert(*ms);
+                    *t = (*t).max(*ms);
+                }
+                return Err(e);
             }
         }
+        Ok(())
     }
 
     /// Called after a registry state change is committed (by this node's admin API, or by the
@@ -339,7 +343,9 @@ pub async fn serve(
     }
     tel.live.close_all();
     let store = state.store.clone();
-    let _ = tokio::task::spawn_blocking(move || tel.flush_last_seen(&*store)).await;
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || tel.flush_last_seen(&*store)).await {
+        tracing::warn!(error = %e, "recording last-seen times at shutdown failed");
+    }
     tracing::info!("MQTT listener stopped");
 }
 
@@ -348,11 +354,23 @@ pub async fn serve(
 fn flush_last_seen_every_second(tel: Weak<Telemetry>, store: Arc<dyn crate::store::Store>) {
     let spawned = std::thread::Builder::new()
         .name("devid-last-seen".into())
-        .spawn(move || loop {
-            std::thread::sleep(LAST_SEEN_FLUSH);
-            match tel.upgrade() {
-                Some(t) => t.flush_last_seen(&*store),
-                None => return,
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(LAST_SEEN_FLUSH);
+                let Some(t) = tel.upgrade() else { return };
+                // one line when writing starts to fail and one when it works again
+                match t.flush_last_seen(&*store) {
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "recording last-seen times failed; retrying");
+                        failing = true;
+                    }
+                    Ok(()) if failing => {
+                        tracing::info!("recording last-seen times works again");
+                        failing = false;
+                    }
+                    _ => {}
+                }
             }
         });
     if let Err(e) = spawned {

@@ -70,6 +70,8 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// For [`Store::record_last_seen`] only.
+    seen: Mutex<Connection>,
 }
 
 fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -208,8 +210,18 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .map_err(db("configure"))?;
         conn.execute_batch(SCHEMA).map_err(db("create schema"))?;
+        // last_seen gets a connection of its own: its batches wait for the database's write
+        // lock (the message indexer shares the file) without holding the registry's
+        // connection, which every CONNECT reads through. It is a convenience, not a record
+        // that must survive a power cut: NORMAL skips the fsync at commit.
+        let seen = Connection::open(path).map_err(db("open"))?;
+        seen.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("configure"))?;
+        seen.execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(db("configure"))?;
         Ok(Self {
             conn: Mutex::new(conn),
+            seen: Mutex::new(seen),
         })
     }
 
@@ -448,7 +460,10 @@ impl Store for SqliteStore {
     }
 
     fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.seen.lock().map_err(|_| StoreError::Db {
+            operation: "lock",
+            detail: "a previous last-seen write panicked; restart the server".into(),
+        })?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db("begin"))?;
@@ -472,7 +487,10 @@ impl Store for SqliteStore {
         match self.conn.try_lock() {
             Ok(conn) => Some(load_device(&conn, id.as_str())),
             Err(std::sync::TryLockError::WouldBlock) => None,
-            Err(std::sync::TryLockError::Poisoned(_)) => Some(self.conn().map(|_| None)),
+            Err(std::sync::TryLockError::Poisoned(_)) => Some(Err(StoreError::Db {
+                operation: "lock",
+                detail: "a previous database operation panicked; restart the server".into(),
+            })),
         }
     }
 
