@@ -72,6 +72,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// For [`Store::record_last_seen`] only.
     seen: Mutex<Connection>,
+    /// For [`Store::try_device_now`] only (read-only, no busy timeout).
+    reader: Mutex<Connection>,
 }
 
 fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -133,15 +135,22 @@ fn to_record(
 }
 
 fn load_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    query_device(conn, id)
+        .map_err(db("read device"))?
+        .map(to_record)
+        .transpose()
+}
+
+fn query_device(
+    conn: &Connection,
+    id: &str,
+) -> rusqlite::Result<Option<(String, String, DeviceRecordRest)>> {
     // cached: every MQTT CONNECT reads its device
     conn.prepare_cached(&format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
     ))
     .and_then(|mut st| st.query_row(params![id], device_row))
     .optional()
-    .map_err(db("read device"))?
-    .map(to_record)
-    .transpose()
 }
 
 fn insert_audit(conn: &Connection, row: &NewAudit<'_>) -> Result<(), StoreError> {
@@ -219,9 +228,16 @@ impl SqliteStore {
             .map_err(db("configure"))?;
         seen.execute_batch("PRAGMA synchronous = NORMAL;")
             .map_err(db("configure"))?;
+        // The in-place reader of `try_device_now`: no busy handler, so it never sleeps on an
+        // async worker (a busy database sends the caller to the blocking path instead).
+        let reader = Connection::open(path).map_err(db("open"))?;
+        reader
+            .execute_batch("PRAGMA query_only = ON;")
+            .map_err(db("configure"))?;
         Ok(Self {
             conn: Mutex::new(conn),
             seen: Mutex::new(seen),
+            reader: Mutex::new(reader),
         })
     }
 
@@ -482,10 +498,24 @@ impl Store for SqliteStore {
     }
 
     fn try_device_now(&self, id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
-        // A WAL reader never waits for writers of other connections; this connection may be
-        // busy with a write (and its fsync), and then the caller takes the blocking path.
-        match self.conn.try_lock() {
-            Ok(conn) => Some(load_device(&conn, id.as_str())),
+        // A WAL reader does not wait for writers; in the rare cases SQLite still answers
+        // SQLITE_BUSY (e.g. WAL recovery), or another worker holds the reader, the caller
+        // takes the blocking path.
+        match self.reader.try_lock() {
+            Ok(conn) => match query_device(&conn, id.as_str()) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) =>
+                {
+                    None
+                }
+                r => Some(
+                    r.map_err(db("read device"))
+                        .and_then(|row| row.map(to_record).transpose()),
+                ),
+            },
             Err(std::sync::TryLockError::WouldBlock) => None,
             Err(std::sync::TryLockError::Poisoned(_)) => Some(Err(StoreError::Db {
                 operation: "lock",
