@@ -142,12 +142,19 @@ impl Telemetry {
         if now.saturating_sub(stored_ms) < resolution {
             return;
         }
+        self.queue_last_seen([(id, &now)]);
+    }
+
+    /// Queue `last_seen` times, keeping the later one of a device already queued.
+    fn queue_last_seen<'a>(&self, times: impl IntoIterator<Item = (&'a DeviceId, &'a i64)>) {
         let mut pending = match self.last_seen.lock() {
             Ok(p) => p,
             Err(p) => p.into_inner(),
         };
-        let t = pending.entry(id.clone()).or_insert(now);
-        *t = (*t).max(now);
+        for (id, ms) in times {
+            let t = pending.entry(id.clone()).or_insert(*ms);
+            *t = (*t).max(*ms);
+        }
     }
 
     /// Write the queued `last_seen` times (blocking), [`LAST_SEEN_CHUNK`] devices per
@@ -164,14 +171,12 @@ impl Telemetry {
         let mut chunks = batch.chunks(LAST_SEEN_CHUNK);
         for chunk in chunks.by_ref() {
             if let Err(e) = store.record_last_seen(chunk) {
-                let mut pending = match self.last_seen.lock() {
-                    Ok(p) => p,
-                    Err(p) => p.into_inner(),
-                };
-                for (id, ms) in std::iter::once(chunk).chain(chunks).flatten() {
-                    let t = pending.entry(id.clone()).or_insert(*ms);
-                    *t = (*t).max(*ms);
-                }
+                self.queue_last_seen(
+                    std::iter::once(chunk)
+                        .chain(chunks)
+                        .flatten()
+                        .map(|(id, ms)| (id, ms)),
+                );
                 return Err(e);
             }
         }

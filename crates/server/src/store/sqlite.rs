@@ -135,10 +135,13 @@ fn to_record(
 }
 
 fn load_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-    query_device(conn, id)
-        .map_err(db("read device"))?
-        .map(to_record)
-        .transpose()
+    device_of(query_device(conn, id))
+}
+
+fn device_of(
+    row: rusqlite::Result<Option<(String, String, DeviceRecordRest)>>,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    row.map_err(db("read device"))?.map(to_record).transpose()
 }
 
 fn query_device(
@@ -511,10 +514,7 @@ impl Store for SqliteStore {
                 {
                     None
                 }
-                r => Some(
-                    r.map_err(db("read device"))
-                        .and_then(|row| row.map(to_record).transpose()),
-                ),
+                row => Some(device_of(row)),
             },
             Err(std::sync::TryLockError::WouldBlock) => None,
             Err(std::sync::TryLockError::Poisoned(_)) => Some(Err(StoreError::Db {
