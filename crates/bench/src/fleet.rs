@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devid_admin_client::AdminClient;
 use devid_proto::TokenCreateRequest;
-use devid_server_core::admin::AdminClient;
 use rcgen::{PublicKeyData, SigningKey};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devid_admin_client::AdminClient;
 use devid_mqtt::Protocol;
-use devid_server_core::admin::AdminClient;
 
 use crate::client::{self, Endpoint};
 use crate::crypto;

@@ -10,10 +10,10 @@ mod common;
 use std::time::Instant;
 
 use common::Server;
+use devid_admin_client::AdminClient;
 use devid_enroll::{build_csr_with_keystore, enroll};
 use devid_keystore::soft::SoftKeystore;
 use devid_proto::TokenCreateRequest;
-use devid_server_core::admin::AdminClient;
 
 const RUNS: usize = 3;
 const PER_RUN: usize = 200;

@@ -1,5 +1,5 @@
 //! `devid-server`: the fleet CA, enrolment and device registry, from the command line.
-//! Thin glue over `devid-server-core`.
+//! Thin glue over the `devid_server` library (the composition root) and the admin client.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -8,12 +8,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use devid_admin_client::{AdminClient, MessagesClient, StateAction};
+use devid_proto::MessageView;
 use devid_proto::TokenCreateRequest;
-use devid_server_core::admin::{AdminClient, StateAction};
-use devid_server_core::config::{parse_duration, ServerConfig};
-use devid_server_core::ingest::client::MessagesClient;
-use devid_server_core::ingest::http::MessageView;
-use devid_server_core::init::{init, InitOptions};
+use devid_server::init::{init, InitOptions};
+use devid_server_config::{parse_duration, ServerConfig};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/devid-server";
 
@@ -295,11 +294,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("initialised {dir}");
             println!("  config:      {}", report.config_path.display());
             match report.config.ca_key_ref()? {
-                devid_server_core::config::CaKeyRef::File(p) => println!(
+                devid_server_config::CaKeyRef::File(p) => println!(
                     "  CA cert:     {dir}/ca.pem (CA key: {}, mode 0600)",
                     p.display()
                 ),
-                devid_server_core::config::CaKeyRef::Pkcs11(uri) => println!(
+                devid_server_config::CaKeyRef::Pkcs11(uri) => println!(
                     "  CA cert:     {dir}/ca.pem (CA key on PKCS#11 token {:?}, serial {})",
                     uri.token,
                     uri.serial.as_deref().unwrap_or("?")
@@ -327,7 +326,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(devid_server_core::serve::run(cfg))?;
+            rt.block_on(devid_server::run(cfg))?;
             Ok(())
         }
         Command::Token(TokenCommand::Create {

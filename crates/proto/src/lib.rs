@@ -8,6 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the SAN URI that names a device in its certificate: `urn:devid:<id>`.
@@ -287,6 +288,64 @@ pub struct AuditEntry {
     pub detail: String,
     /// Peer address of the request.
     pub source: String,
+}
+
+// --- telemetry messages (`GET /v1/devices/{id}/messages`, `GET /v1/stream`) ---
+
+/// One message as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// Row id (increasing).
+    pub id: i64,
+    /// Device id.
+    pub device_id: String,
+    /// Topic.
+    pub topic: String,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// Idempotency key, if any.
+    #[serde(default)]
+    pub msg_id: Option<String>,
+    /// Receive time, RFC 3339 UTC.
+    pub received_at: String,
+    /// `utf8` or `base64`.
+    pub payload_encoding: String,
+    /// The payload in that encoding.
+    pub payload: String,
+}
+
+/// A page of messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePage {
+    /// Messages, oldest first.
+    pub messages: Vec<MessageView>,
+    /// Pass as `since` for the next page (the last id shown), absent when the page is empty.
+    #[serde(default)]
+    pub next_since: Option<i64>,
+}
+
+/// Encode a payload for JSON (the messages API): text when UTF-8, base64 otherwise.
+pub fn payload_text(payload: &[u8]) -> (&'static str, String) {
+    match std::str::from_utf8(payload) {
+        Ok(s) => ("utf8", s.to_owned()),
+        Err(_) => (
+            "base64",
+            base64::engine::general_purpose::STANDARD.encode(payload),
+        ),
+    }
+}
+
+impl MessageView {
+    /// The payload bytes back.
+    pub fn payload_bytes(&self) -> Option<Vec<u8>> {
+        match self.payload_encoding.as_str() {
+            "utf8" => Some(self.payload.as_bytes().to_vec()),
+            "base64" => base64::engine::general_purpose::STANDARD
+                .decode(&self.payload)
+                .ok(),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@
 //! * [`PinnedCaVerifier`]: trusts a server only when its chain holds the certificate whose
 //!   SHA-256 equals the sealed CA pin and the leaf verifies against it for the host name.
 //! * [`client_config`]: a rustls client config from those two.
+//! * [`identity`]: the one rule mapping a certificate to a device id, shared by the server's
+//!   HTTPS and MQTT listeners and the device's check of its issued chain.
 #![forbid(unsafe_code)]
+
+pub mod identity;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

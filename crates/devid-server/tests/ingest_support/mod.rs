@@ -12,7 +12,7 @@ use devid_enroll::{build_csr_with_keystore, enroll};
 use devid_keystore::soft::SoftKeystore;
 use devid_keystore::Keystore;
 use devid_mqtt::{Bytes, BytesMut, Codec, Connect, Packet, Protocol, Publish};
-use devid_server_core::ingest::http::{MessagePage, MessageView};
+use devid_proto::{MessagePage, MessageView};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -337,9 +337,7 @@ impl Client {
 
 /// Every stored message of a device, through the API (paged).
 pub fn all_messages(s: &Server, device: &str) -> Vec<MessageView> {
-    let client =
-        devid_server_core::ingest::client::MessagesClient::from_data_dir(&s.dir, Some(&s.url))
-            .unwrap();
+    let client = devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.url)).unwrap();
     let mut out = Vec::new();
     let mut since = Some(0);
     loop {
@@ -354,7 +352,7 @@ pub fn all_messages(s: &Server, device: &str) -> Vec<MessageView> {
 
 /// The metrics text.
 pub fn metrics(s: &Server) -> String {
-    devid_server_core::ingest::client::MessagesClient::from_data_dir(&s.dir, Some(&s.url))
+    devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.url))
         .unwrap()
         .metrics()
         .unwrap()

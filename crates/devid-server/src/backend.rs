@@ -1,0 +1,51 @@
+//! The one place that chooses the storage backends: [`open`] reads the config's `db` setting
+//! and opens SQLite (registry and message index in the data dir's database, payloads in its
+//! message log) or PostgreSQL (registry and messages on ONE pool, migrated once).
+
+use std::sync::Arc;
+
+use devid_server_config::{DbLocation, ServerConfig};
+use devid_store::{MessageStore, Registry, StoreError};
+use devid_store_postgres::PostgresStore;
+use devid_store_sqlite::{SqliteMessageStore, SqliteStore};
+
+/// The stores a server process runs on.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Registry, tokens, credentials, audit.
+    pub registry: Arc<dyn Registry>,
+    /// Telemetry.
+    pub messages: Arc<dyn MessageStore>,
+}
+
+/// Open the registry alone (what `init` needs).
+pub fn open_registry(cfg: &ServerConfig) -> Result<Arc<dyn Registry>, StoreError> {
+    match location(cfg)? {
+        DbLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(&path)?)),
+        DbLocation::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url)?)),
+    }
+}
+
+/// Open the registry and the message store the config names.
+pub fn open(cfg: &ServerConfig) -> Result<Backend, StoreError> {
+    match location(cfg)? {
+        DbLocation::Sqlite(path) => Ok(Backend {
+            registry: Arc::new(SqliteStore::open(&path)?),
+            messages: Arc::new(SqliteMessageStore::open(&path)?),
+        }),
+        DbLocation::Postgres(url) => {
+            let store = Arc::new(PostgresStore::open(&url)?);
+            Ok(Backend {
+                registry: store.clone(),
+                messages: store,
+            })
+        }
+    }
+}
+
+fn location(cfg: &ServerConfig) -> Result<DbLocation, StoreError> {
+    cfg.db_location().map_err(|e| StoreError::Db {
+        operation: "open",
+        detail: e.to_string(),
+    })
+}

@@ -1,0 +1,143 @@
+//! `devid-server run`: put the process together and serve until Ctrl-C or SIGTERM.
+//!
+//! [`prepare`] loads the CA, opens the backends ([`crate::backend`]), starts the ingest and
+//! builds the HTTPS state; [`run`] binds both listeners and serves. The two listeners never
+//! see each other: the HTTPS side reaches live MQTT sessions through the ingest's
+//! `StateChangeSink`, and reads the messages the ingest stores through the shared message
+//! store and the live-message channel created here.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devid_ca::{Ca, CaError};
+
+use crate::error::RunError;
+use devid_ingest::Ingest;
+use devid_server_config::{ServerConfig, CA_CERT_FILE};
+use devid_server_http::HttpState;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+/// Capacity of the live stream's broadcast channel (a slower SSE reader skips messages and
+/// is told how many).
+const STREAM_CAPACITY: usize = 4_096;
+
+/// Everything a running server holds.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The HTTPS API's state.
+    pub http: HttpState,
+    /// The MQTT ingest.
+    pub ingest: Arc<Ingest>,
+    /// HTTPS TLS config.
+    pub https_tls: Arc<rustls::ServerConfig>,
+    /// MQTT TLS config.
+    pub mqtt_tls: Arc<rustls::ServerConfig>,
+}
+
+/// Load the CA a config names: `ca.pem` of the data dir, the key from its file or PKCS#11
+/// token.
+pub fn open_ca(cfg: &ServerConfig) -> Result<Ca, RunError> {
+    let key = cfg.ca_key_ref().map_err(|e| CaError::Invalid {
+        what: "ca_key setting",
+        detail: e.to_string(),
+    })?;
+    Ok(Ca::open(&cfg.path(CA_CERT_FILE), &key)?)
+}
+
+/// Load everything `run` needs from a config: CA, stores, ingest, TLS configs, HTTPS state.
+pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
+    let ca = Arc::new(open_ca(&cfg)?);
+    let https_tls = crate::tls::https_config(&cfg, &ca)?;
+    let mqtt_tls = crate::tls::mqtt_config(&cfg, &ca)?;
+    let backend = crate::backend::open(&cfg)?;
+    let (stream, _) = broadcast::channel(STREAM_CAPACITY);
+    let ingest = Ingest::start(
+        cfg.mqtt.clone(),
+        backend.registry.clone(),
+        backend.messages.clone(),
+        stream.clone(),
+    )?;
+    let metrics = ingest.metrics.clone();
+    let http = HttpState {
+        registry: backend.registry,
+        ca,
+        config: Arc::new(cfg),
+        live: ingest.clone(),
+        messages: backend.messages,
+        stream,
+        metrics: Arc::new(move || metrics.encode()),
+    };
+    Ok(Prepared {
+        http,
+        ingest,
+        https_tls,
+        mqtt_tls,
+    })
+}
+
+/// Bind `addr`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, source })
+}
+
+/// `devid-server run`: load the data dir, listen, serve until Ctrl-C or SIGTERM.
+pub async fn run(cfg: ServerConfig) -> Result<(), RunError> {
+    serve_until(cfg, shutdown_signal()).await
+}
+
+/// [`run`], stopping when `shutdown` completes.
+pub async fn serve_until(
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let p = prepare(cfg)?;
+    let config = p.http.config.clone();
+    // MQTT first: once the HTTPS port answers, both listeners are up.
+    let mqtt = bind(config.mqtt_listen).await?;
+    let listener = bind(config.https_listen).await?;
+    let addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.https_listen,
+        source,
+    })?;
+    if let Ok(mqtt_addr) = mqtt.local_addr() {
+        tracing::info!(addr = %mqtt_addr, "devid-server listening (MQTT over mutual TLS)");
+    }
+    tracing::info!(%addr, ca_pin = %p.http.ca.pin(), "devid-server listening (HTTPS)");
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let ingest = tokio::spawn(devid_ingest::serve(
+        mqtt,
+        p.mqtt_tls,
+        p.ingest,
+        async move {
+            let _ = stopped.changed().await;
+        },
+    ));
+    devid_server_http::listener::serve(listener, p.https_tls, p.http, shutdown).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), ingest).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,681 @@
+//! `devid-server.toml`: the server's settings and the layout of its data dir.
+//!
+//! * this file: [`ServerConfig`] (the top-level keys), [`DbLocation`], [`CaKeyRef`] and
+//!   [`Pkcs11KeyUri`], the data-dir file names, [`parse_duration`], [`is_hostname`];
+//! * [`mqtt`]: the `[mqtt]` table (the ingest's settings).
+//!
+//! Invariants: pure serde/toml, no I/O but reading the config file itself; the other server
+//! crates take settings as values from here and never read `devid-server.toml` themselves.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod mqtt;
+
+pub use error::ConfigError;
+pub use mqtt::MqttSettings;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default HTTPS listen address (enrolment, renewal, admin API).
+pub const DEFAULT_HTTPS_LISTEN: &str = "127.0.0.1:8443";
+/// Default MQTT listen address.
+pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
+/// Name of the config file inside the data dir.
+pub const CONFIG_FILE: &str = "devid-server.toml";
+/// The fleet CA certificate (PEM), public.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The fleet CA private key (PKCS#8 PEM, 0600).
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The server's TLS certificate chain (PEM: leaf, then CA).
+pub const SERVER_CERT_FILE: &str = "server.pem";
+/// The server's TLS private key (0600).
+pub const SERVER_KEY_FILE: &str = "server-key.pem";
+/// The admin bearer token in plaintext (0600); the database holds only its hash.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The SQLite database file.
+pub const SQLITE_FILE: &str = "devid-server.db";
+
+/// Everything `devid-server run` needs. Relative paths are relative to `data_dir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Directory holding the CA, TLS files, admin token and SQLite database.
+    pub data_dir: PathBuf,
+    /// The name devices use to reach this server (in its TLS certificate and the MQTT URL).
+    pub hostname: String,
+    /// HTTPS listen address.
+    #[serde(default = "default_https")]
+    pub https_listen: SocketAddr,
+    /// MQTT listen address (the port goes into the `mqtt_url` given to devices).
+    #[serde(default = "default_mqtt")]
+    pub mqtt_listen: SocketAddr,
+    /// Database URL: `sqlite:FILE` (relative to data_dir) or `postgres://...`.
+    #[serde(default = "default_db")]
+    pub db: String,
+    /// The fleet CA's private key: `file:FILE` (relative to data_dir) or an RFC 7512
+    /// `pkcs11:` URI (see [`Pkcs11KeyUri`]).
+    #[serde(default = "default_ca_key")]
+    pub ca_key: String,
+    /// Lifetime of device certificates in days.
+    #[serde(default = "default_cert_days")]
+    pub device_cert_days: u32,
+    /// Lifetime of device certificates as a humantime duration (`2m`, `12h`, `30d`); when set
+    /// it overrides `device_cert_days` (short lifetimes exercise renewal in tests and drills).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_cert_lifetime: Option<String>,
+    /// Lifetime of enrolment tokens when `token create` gives no `--ttl` (humantime: `1h`).
+    #[serde(default = "default_token_ttl")]
+    pub token_default_ttl: String,
+    /// Longest enrolment token lifetime accepted (humantime: `30d`).
+    #[serde(default = "default_token_max_ttl")]
+    pub token_max_ttl: String,
+    /// Largest request body accepted, in bytes (413 above).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Time allowed for one request, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Most TLS connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
+    #[serde(default)]
+    pub mqtt: mqtt::MqttSettings,
+}
+
+fn default_https() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_mqtt() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8883))
+}
+fn default_db() -> String {
+    format!("sqlite:{SQLITE_FILE}")
+}
+fn default_ca_key() -> String {
+    format!("file:{CA_KEY_FILE}")
+}
+fn default_cert_days() -> u32 {
+    30
+}
+fn default_token_ttl() -> String {
+    "1h".into()
+}
+fn default_token_max_ttl() -> String {
+    "30d".into()
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+fn default_max_connections() -> usize {
+    1024
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbLocation {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+impl ServerConfig {
+    /// A config with every default and the given data dir and hostname.
+    pub fn new(data_dir: PathBuf, hostname: String) -> Self {
+        Self {
+            data_dir,
+            hostname,
+            https_listen: default_https(),
+            mqtt_listen: default_mqtt(),
+            db: default_db(),
+            ca_key: default_ca_key(),
+            device_cert_days: default_cert_days(),
+            device_cert_lifetime: None,
+            token_default_ttl: default_token_ttl(),
+            token_max_ttl: default_token_max_ttl(),
+            max_body_bytes: default_max_body(),
+            request_timeout_secs: default_request_timeout(),
+            max_connections: default_max_connections(),
+            mqtt: Default::default(),
+        }
+    }
+
+    /// Read and check a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            detail: e.message().to_owned(),
+        })?;
+        if cfg.data_dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read `DIR/devid-server.toml`.
+    pub fn load_from_data_dir(dir: &Path) -> Result<Self, ConfigError> {
+        Self::load(&dir.join(CONFIG_FILE))
+    }
+
+    /// Check values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_hostname(&self.hostname) {
+            return Err(ConfigError::Invalid {
+                key: "hostname",
+                detail: format!("{:?} is not a DNS name or IP address", self.hostname),
+            });
+        }
+        if self.device_cert_days == 0 || self.device_cert_days > 3650 {
+            return Err(ConfigError::Invalid {
+                key: "device_cert_days",
+                detail: "must be between 1 and 3650".into(),
+            });
+        }
+        if let Some(l) = &self.device_cert_lifetime {
+            let d = parse_duration("device_cert_lifetime", l)?;
+            if d < Duration::from_secs(60) || d > Duration::from_secs(3650 * 86_400) {
+                return Err(ConfigError::Invalid {
+                    key: "device_cert_lifetime",
+                    detail: "must be between 1 minute and 3650 days".into(),
+                });
+            }
+        }
+        let ttl = self.token_default_ttl()?;
+        if ttl > self.token_max_ttl()? {
+            return Err(ConfigError::Invalid {
+                key: "token_default_ttl",
+                detail: "longer than token_max_ttl".into(),
+            });
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max_body_bytes",
+                detail: "must be at least 1024".into(),
+            });
+        }
+        self.db_location()?;
+        self.mqtt.validate()?;
+        self.ca_key_ref()?;
+        Ok(())
+    }
+
+    /// Where the CA private key is.
+    pub fn ca_key_ref(&self) -> Result<CaKeyRef, ConfigError> {
+        CaKeyRef::parse(&self.ca_key, &self.data_dir)
+    }
+
+    /// Default token lifetime.
+    pub fn token_default_ttl(&self) -> Result<Duration, ConfigError> {
+        parse_duration("token_default_ttl", &self.token_default_ttl)
+    }
+
+    /// Longest token lifetime.
+    pub fn token_max_ttl(&self) -> Result<Duration, ConfigError> {
+        parse_duration("token_max_ttl", &self.token_max_ttl)
+    }
+
+    /// Lifetime of device certificates.
+    pub fn device_cert_lifetime(&self) -> Duration {
+        self.device_cert_lifetime
+            .as_deref()
+            .and_then(|l| parse_duration("device_cert_lifetime", l).ok())
+            .unwrap_or_else(|| Duration::from_secs(u64::from(self.device_cert_days) * 86_400))
+    }
+
+    /// Where the database is.
+    pub fn db_location(&self) -> Result<DbLocation, ConfigError> {
+        if let Some(rest) = self.db.strip_prefix("sqlite:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            if rest.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "db",
+                    detail: "sqlite: needs a file name".into(),
+                });
+            }
+            let p = PathBuf::from(rest);
+            Ok(DbLocation::Sqlite(if p.is_absolute() {
+                p
+            } else {
+                self.data_dir.join(p)
+            }))
+        } else if self.db.starts_with("postgres://") || self.db.starts_with("postgresql://") {
+            Ok(DbLocation::Postgres(self.db.clone()))
+        } else {
+            Err(ConfigError::Invalid {
+                key: "db",
+                detail: "use sqlite:FILE or postgres://USER@HOST:PORT/DB".into(),
+            })
+        }
+    }
+
+    /// The URL devices get for MQTT.
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtts://{}:{}", self.hostname, self.mqtt_listen.port())
+    }
+
+    /// The URL local admin commands use to reach the HTTPS API (loopback when the server
+    /// listens on every address).
+    pub fn local_https_url(&self) -> String {
+        let ip = self.https_listen.ip();
+        let host = if ip.is_unspecified() {
+            if ip.is_ipv4() {
+                "127.0.0.1".to_owned()
+            } else {
+                "[::1]".to_owned()
+            }
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        format!("https://{host}:{}", self.https_listen.port())
+    }
+
+    /// A path inside the data dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.data_dir.join(name)
+    }
+
+    /// The config file text, every setting with a comment.
+    pub fn to_commented_toml(&self) -> String {
+        let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        format!(
+            "# devid-server configuration, written by `devid-server init`.\n\
+             # Start the server with: devid-server run --config THIS_FILE (or --data-dir DIR)\n\
+             \n\
+             # Directory holding ca.pem, ca-key.pem (0600), server.pem, server-key.pem (0600),\n\
+             # admin.token (0600) and the SQLite database.\n\
+             data_dir = {data_dir}\n\
+             \n\
+             # The name devices use to reach this server: it is in the server's TLS certificate\n\
+             # and in the MQTT URL handed to devices at enrolment.\n\
+             hostname = {hostname}\n\
+             \n\
+             # HTTPS listener for enrolment (POST /v1/enroll), renewal over mutual TLS\n\
+             # (POST /v1/renew) and the admin API (/v1/admin/...).\n\
+             https_listen = {https}\n\
+             \n\
+             # MQTT over TLS listener; its port is in the mqtt_url given to devices.\n\
+             mqtt_listen = {mqtt}\n\
+             \n\
+             # Database: sqlite:FILE (relative to data_dir; WAL mode) or\n\
+             # postgres://USER@HOST:PORT/DB.\n\
+             db = {db}\n\
+             \n\
+             # The fleet CA's private key: file:FILE (relative to data_dir, 0600), or a key on\n\
+             # a PKCS#11 token, as an RFC 7512 URI naming the token (label and serial), the\n\
+             # key's CKA_ID, the module and the PIN file: pkcs11:token=LABEL;serial=S;id=%..;\n\
+             # type=private?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:PATH\n\
+             ca_key = {ca_key}\n\
+             \n\
+             # Lifetime of device certificates, in days (devices renew at 2/3 of it).\n\
+             device_cert_days = {days}\n\
+             # Or as a duration, overriding device_cert_days (1m to 3650d), e.g. for renewal drills:\n\
+             # device_cert_lifetime = \"2m\"\n\
+             \n\
+             # Lifetime of an enrolment token when `token create` has no --ttl, and the longest\n\
+             # accepted (humantime: 30m, 1h, 7d).\n\
+             token_default_ttl = {ttl}\n\
+             token_max_ttl = {max_ttl}\n\
+             \n\
+             # Largest request body accepted, in bytes (larger: 413).\n\
+             max_body_bytes = {body}\n\
+             \n\
+             # Time allowed for one request, in seconds.\n\
+             request_timeout_secs = {timeout}\n\
+             \n\
+             # Most TLS connections served at once.\n\
+             max_connections = {conns}\n",
+            data_dir = q(&self.data_dir.display().to_string()),
+            hostname = q(&self.hostname),
+            https = q(&self.https_listen.to_string()),
+            mqtt = q(&self.mqtt_listen.to_string()),
+            db = q(&self.db),
+            ca_key = q(&self.ca_key),
+            days = self.device_cert_days,
+            ttl = q(&self.token_default_ttl),
+            max_ttl = q(&self.token_max_ttl),
+            body = self.max_body_bytes,
+            timeout = self.request_timeout_secs,
+            conns = self.max_connections,
+        ) + &self.mqtt.to_commented_toml()
+    }
+}
+
+/// Where the fleet CA's private key is (`ca_key` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaKeyRef {
+    /// A PKCS#8 PEM file (0600); the path is absolute (relative ones are joined to data_dir).
+    File(PathBuf),
+    /// A key on a PKCS#11 token.
+    Pkcs11(Pkcs11KeyUri),
+}
+
+impl CaKeyRef {
+    /// Parse `file:FILE` or a `pkcs11:` URI; relative files are taken from `data_dir`.
+    pub fn parse(s: &str, data_dir: &Path) -> Result<Self, ConfigError> {
+        if let Some(rest) = s.strip_prefix("file:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            if rest.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "ca_key",
+                    detail: "file: needs a file name".into(),
+                });
+            }
+            let p = PathBuf::from(rest);
+            Ok(CaKeyRef::File(if p.is_absolute() {
+                p
+            } else {
+                data_dir.join(p)
+            }))
+        } else if s.starts_with("pkcs11:") {
+            Ok(CaKeyRef::Pkcs11(Pkcs11KeyUri::parse(s)?))
+        } else {
+            Err(ConfigError::Invalid {
+                key: "ca_key",
+                detail: "use file:FILE or a pkcs11: URI (RFC 7512)".into(),
+            })
+        }
+    }
+}
+
+/// A key on a PKCS#11 token as an RFC 7512 URI:
+/// `pkcs11:token=LABEL;serial=SERIAL;id=%01%02..;type=private?module-path=MODULE&pin-source=file:PIN_FILE`.
+///
+/// Path attributes: `token` (the token label, required), `serial` (the token serial: a token
+/// with the same label but another serial is refused), `id` (the key's `CKA_ID`), `type`
+/// (`private` when present); `object`, `manufacturer`, `model` and `library-*` are accepted
+/// and ignored. Query attributes: `module-path` (the PKCS#11 module, required) and
+/// `pin-source` (a `file:` URI or a path to a file holding the user PIN, required).
+/// `pin-value` is refused: a PIN does not belong in a config file. `devid-server init
+/// --ca-key` takes the URI without `serial` and `id` and records the full one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11KeyUri {
+    /// Token label.
+    pub token: String,
+    /// Token serial number.
+    pub serial: Option<String>,
+    /// `CKA_ID` of the key.
+    pub id: Option<Vec<u8>>,
+    /// The PKCS#11 module.
+    pub module_path: PathBuf,
+    /// File holding the user PIN.
+    pub pin_file: PathBuf,
+}
+
+fn pct_decode(key: &'static str, s: &str) -> Result<Vec<u8>, ConfigError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key,
+                    detail: format!("bad percent-encoding in {s:?}"),
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn pct_encode(bytes: &[u8], keep: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
+}
+
+impl Pkcs11KeyUri {
+    /// Parse an RFC 7512 URI (see the type's docs for the attributes used).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        const KEY: &str = "ca_key";
+        let invalid = |detail: String| ConfigError::Invalid { key: KEY, detail };
+        let text = |v: &str| {
+            String::from_utf8(pct_decode(KEY, v)?)
+                .map_err(|_| invalid(format!("{v:?} is not UTF-8 once decoded")))
+        };
+        let rest = s
+            .strip_prefix("pkcs11:")
+            .ok_or_else(|| invalid("a PKCS#11 URI starts with pkcs11:".into()))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut token, mut serial, mut id) = (None, None, None);
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("path attribute {attr:?} has no '='")))?;
+            match k {
+                "token" => token = Some(text(v)?),
+                "serial" => serial = Some(text(v)?),
+                "id" => id = Some(pct_decode(KEY, v)?),
+                "type" if v == "private" => {}
+                "type" => {
+                    return Err(invalid(format!(
+                        "type={v}: the CA key reference names the private key (type=private)"
+                    )))
+                }
+                "object"
+                | "manufacturer"
+                | "model"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-id"
+                | "slot-description"
+                | "slot-manufacturer" => {}
+                other => return Err(invalid(format!("unknown path attribute {other:?}"))),
+            }
+        }
+        let (mut module_path, mut pin_file) = (None, None);
+        for attr in query.split('&').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| invalid("a query attribute has no '='".into()))?;
+            match k {
+                "module-path" => module_path = Some(PathBuf::from(text(v)?)),
+                "pin-source" => {
+                    let v = text(v)?;
+                    let p = v
+                        .strip_prefix("file://")
+                        .or(v.strip_prefix("file:"))
+                        .unwrap_or(&v);
+                    if !p.starts_with('/') {
+                        return Err(invalid(
+                            "pin-source must be an absolute file: URI or path".into(),
+                        ));
+                    }
+                    pin_file = Some(PathBuf::from(p));
+                }
+                "pin-value" => {
+                    return Err(invalid(
+                        "pin-value is refused: put the PIN in a 0600 file and name it with \
+                         pin-source=file:/PATH"
+                            .into(),
+                    ))
+                }
+                "module-name" => {}
+                other => return Err(invalid(format!("unknown query attribute {other:?}"))),
+            }
+        }
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid("the URI needs token=LABEL".into()))?;
+        let module_path = module_path.ok_or_else(|| {
+            invalid("the URI needs ?module-path=/path/to/module.so (the PKCS#11 library)".into())
+        })?;
+        let pin_file = pin_file.ok_or_else(|| {
+            invalid("the URI needs pin-source=file:/PATH (a file holding the user PIN)".into())
+        })?;
+        Ok(Self {
+            token,
+            serial,
+            id,
+            module_path,
+            pin_file,
+        })
+    }
+
+    /// The URI text.
+    pub fn to_uri(&self) -> String {
+        let mut s = format!("pkcs11:token={}", pct_encode(self.token.as_bytes(), b""));
+        if let Some(serial) = &self.serial {
+            s.push_str(&format!(";serial={}", pct_encode(serial.as_bytes(), b"")));
+        }
+        if let Some(id) = &self.id {
+            s.push_str(";id=");
+            for b in id {
+                s.push_str(&format!("%{b:02x}"));
+            }
+        }
+        s.push_str(";type=private");
+        s.push_str(&format!(
+            "?module-path={}&pin-source=file:{}",
+            pct_encode(self.module_path.as_os_str().as_encoded_bytes(), b"/"),
+            pct_encode(self.pin_file.as_os_str().as_encoded_bytes(), b"/")
+        ));
+        s
+    }
+}
+
+/// Parse a humantime duration (`90s`, `15m`, `1h`, `7d`).
+pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
+        key,
+        detail: format!("{s:?}: {e} (examples: 90s, 15m, 1h, 7d)"),
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            detail: "must be longer than zero".into(),
+        });
+    }
+    Ok(d)
+}
+
+/// A DNS name (letters, digits, '-', '.') or an IP address.
+pub fn is_hostname(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commented_toml_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "iot.example.com".into());
+        cfg.https_listen = "127.0.0.1:9443".parse().unwrap();
+        let text = cfg.to_commented_toml();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, &text).unwrap();
+        let back = ServerConfig::load(&path).unwrap();
+        assert_eq!(back.https_listen, cfg.https_listen);
+        assert_eq!(back.hostname, "iot.example.com");
+        assert_eq!(
+            back.db_location().unwrap(),
+            DbLocation::Sqlite(dir.path().join(SQLITE_FILE))
+        );
+        // every setting line is preceded by a comment
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains(" = ") {
+                assert!(
+                    lines[..i].iter().rev().take(2).any(|p| p.starts_with('#')),
+                    "{l}"
+                );
+            }
+        }
+        assert_eq!(back.mqtt_url(), "mqtts://iot.example.com:8883");
+    }
+
+    #[test]
+    fn ca_key_refs() {
+        let dir = Path::new("/data");
+        assert_eq!(
+            CaKeyRef::parse("file:ca-key.pem", dir).unwrap(),
+            CaKeyRef::File(dir.join("ca-key.pem"))
+        );
+        let uri = "pkcs11:token=fleet%20ca;serial=abc123;id=%01%ff;type=private\
+                   ?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/pin%20file";
+        let CaKeyRef::Pkcs11(k) = CaKeyRef::parse(uri, dir).unwrap() else {
+            panic!("pkcs11 expected");
+        };
+        assert_eq!(k.token, "fleet ca");
+        assert_eq!(k.serial.as_deref(), Some("abc123"));
+        assert_eq!(k.id.as_deref(), Some(&[1u8, 0xff][..]));
+        assert_eq!(k.module_path, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(k.pin_file, Path::new("/etc/pin file"));
+        assert_eq!(Pkcs11KeyUri::parse(&k.to_uri()).unwrap(), k);
+        for bad in [
+            "pkcs11:token=a?module-path=/m.so&pin-value=1234",
+            "pkcs11:token=a?pin-source=file:/p",
+            "pkcs11:token=a?module-path=/m.so",
+            "pkcs11:serial=1?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a;type=public?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a;id=%zz?module-path=/m.so&pin-source=file:/p",
+            "pkcs11:token=a?module-path=/m.so&pin-source=pin.txt",
+            "tpm:/x",
+        ] {
+            assert!(CaKeyRef::parse(bad, dir).is_err(), "{bad}");
+        }
+        let err = CaKeyRef::parse("pkcs11:token=a?module-path=/m.so&pin-value=1234", dir)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("1234"), "{err}");
+    }
+
+    #[test]
+    fn hostnames_and_durations() {
+        assert!(is_hostname("a.example-1.com"));
+        assert!(is_hostname("127.0.0.1"));
+        assert!(!is_hostname("-a.com"));
+        assert!(!is_hostname("a b"));
+        assert_eq!(
+            parse_duration("t", "1h").unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert!(parse_duration("t", "0s").is_err());
+        assert!(parse_duration("t", "soon").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The admin API: enrolment tokens, devices, state changes, the audit log.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use devid_proto::{DeviceInfo, DeviceState, TokenCreateRequest, TokenCreateResponse};
+use serde::Deserialize;
+
+use devid_stdx::rfc3339;
+use devid_store::{token, NewToken, Refusal};
+
+use crate::auth::Admin;
+use crate::error::{refusal_error, ApiError};
+use crate::request::{blocking, parse_body, parse_device_id};
+use crate::state::{device_info, HttpState};
+
+pub(crate) async fn create_token(
+    admin: Admin,
+    State(state): State<HttpState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<TokenCreateResponse>), ApiError> {
+    let req: TokenCreateRequest = parse_body(body)?;
+    let device_id = req.device_id.as_deref().map(parse_device_id).transpose()?;
+    let policy = req.policy.unwrap_or_else(|| "default".into());
+    if !token::valid_policy(&policy) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_policy",
+            "policy names use 1 to 64 characters from a-z, 0-9, '-' and '_'",
+        ));
+    }
+    let max = state
+        .config
+        .token_max_ttl()
+        .map_err(|e| ApiError::internal("config", &e))?;
+    let ttl = match req.ttl_seconds {
+        Some(0) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_ttl",
+                "ttl must be at least one second",
+            ))
+        }
+        Some(s) => Duration::from_secs(s),
+        None => state
+            .config
+            .token_default_ttl()
+            .map_err(|e| ApiError::internal("config", &e))?,
+    };
+    if ttl > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_ttl",
+            format!(
+                "ttl longer than the server's token_max_ttl ({})",
+                state.config.token_max_ttl
+            ),
+        ));
+    }
+    let secret = token::generate();
+    let expires_at_ms = admin
+        .ctx
+        .now_ms
+        .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
+    let new = NewToken {
+        hash: token::hash(&secret),
+        device_id: device_id.clone(),
+        policy: policy.clone(),
+        expires_at_ms,
+    };
+    let store = state.registry.clone();
+    let ctx = admin.ctx;
+    blocking(move || store.create_token(&new, &ctx)).await??;
+    tracing::info!(device_id = ?device_id.as_ref().map(|d| d.as_str()), %policy, "enrolment token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreateResponse {
+            token: secret.to_string(),
+            expires_at: rfc3339(expires_at_ms),
+            device_id: device_id.map(String::from),
+            policy,
+        }),
+    ))
+}
+
+pub(crate) async fn list_devices(
+    _admin: Admin,
+    State(state): State<HttpState>,
+) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    let store = state.registry.clone();
+    let devices = blocking(move || store.devices()).await??;
+    Ok(Json(devices.iter().map(device_info).collect()))
+}
+
+pub(crate) async fn show_device(
+    _admin: Admin,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let id = parse_device_id(&id)?;
+    let store = state.registry.clone();
+    match blocking(move || store.device(&id)).await?? {
+        Some(d) => Ok(Json(device_info(&d))),
+        None => Err(refusal_error(Refusal::DeviceUnknown)),
+    }
+}
+
+pub(crate) async fn change_state(
+    admin: Admin,
+    state: HttpState,
+    id: String,
+    target: DeviceState,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let id = parse_device_id(&id)?;
+    let store = state.registry.clone();
+    let ctx = admin.ctx;
+    match blocking(move || store.set_state(&id, target, &ctx)).await?? {
+        Ok(d) => {
+            tracing::info!(device_id = %d.id, state = %d.state, "device state changed");
+            // committed: cut the device's live MQTT session now if it is no longer active
+            state.live.state_changed(&d.id, d.state);
+            Ok(Json(device_info(&d)))
+        }
+        Err(Refusal::DeviceRevoked) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            Refusal::DeviceRevoked.code(),
+            Refusal::DeviceRevoked.message(),
+        )),
+        Err(r) => Err(refusal_error(r)),
+    }
+}
+
+pub(crate) async fn suspend_device(
+    admin: Admin,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    change_state(admin, state, id, DeviceState::Suspended).await
+}
+
+pub(crate) async fn resume_device(
+    admin: Admin,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    change_state(admin, state, id, DeviceState::Active).await
+}
+
+pub(crate) async fn revoke_device(
+    admin: Admin,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    change_state(admin, state, id, DeviceState::Revoked).await
+}
+
+/// Query of `GET /v1/admin/audit`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct AuditQuery {
+    limit: Option<u32>,
+    device_id: Option<String>,
+}
+
+pub(crate) async fn audit_log(
+    _admin: Admin,
+    State(state): State<HttpState>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<devid_proto::AuditEntry>>, ApiError> {
+    let Query(q) = query.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "use ?limit=N&device_id=ID",
+        )
+    })?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
+    let device = q.device_id.as_deref().map(parse_device_id).transpose()?;
+    let store = state.registry.clone();
+    let rows =
+        blocking(move || store.audit_log(limit, device.as_ref().map(|d| d.as_str()))).await??;
+    Ok(Json(rows))
+}

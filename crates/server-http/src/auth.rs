@@ -1,0 +1,64 @@
+//! The [`Admin`] extractor: a bearer token whose hash is in the registry, or an audited
+//! refusal.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+
+use devid_stdx::now_ms;
+use devid_store::{token, AuditCtx};
+
+use crate::error::ApiError;
+use crate::request::{audit_refusal, blocking};
+use crate::state::{HttpState, PeerInfo};
+
+/// An authenticated admin request (bearer token whose hash is in the store).
+#[derive(Debug)]
+pub struct Admin {
+    pub(crate) ctx: AuditCtx,
+}
+
+impl FromRequestParts<HttpState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
+        let source = parts
+            .extensions
+            .get::<PeerInfo>()
+            .and_then(|p| p.addr)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| token::well_formed(t))
+            .map(token::hash);
+        let ctx = AuditCtx {
+            actor: "admin".into(),
+            source,
+            now_ms: now_ms(),
+        };
+        let valid = match presented {
+            Some(hash) => {
+                let store = state.registry.clone();
+                blocking(move || store.admin_credential_valid(&hash)).await??
+            }
+            None => false,
+        };
+        if valid {
+            return Ok(Admin { ctx });
+        }
+        let mut refused_ctx = ctx;
+        refused_ctx.actor = "anonymous".into();
+        tracing::warn!(source = %refused_ctx.source, "admin request without a valid token");
+        audit_refusal(state, refused_ctx, "admin.auth", None, "admin_unauthorized").await?;
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "admin_unauthorized",
+            "missing or invalid admin bearer token (DATA_DIR/admin.token)",
+        ))
+    }
+}

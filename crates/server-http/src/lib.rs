@@ -1,0 +1,29 @@
+//! The HTTPS API as an axum router: enrolment, renewal (mutual TLS), the admin API, the
+//! telemetry routes ([`messages`]) and a health check. [`app`] builds it; [`routes`] lists what
+//! it serves (the OpenAPI file `openapi.yaml` is checked against that list by a test);
+//! [`listener`] serves it over TLS.
+//!
+//! Errors are JSON `{"error": "...", "code": "..."}`. Every refusal of an enrolment or renewal
+//! and every admin change leaves an audit row. No token, key, CSR or body reaches a log line.
+//!
+//! Invariants: the only server crate that links axum, hyper and tower, and the only one that
+//! knows HTTP status codes and JSON bodies (store records are converted to wire views here);
+//! never imports the MQTT ingest (a state change reaches live sessions through
+//! [`HttpState::live`], a `devid_store::StateChangeSink`); every registry call runs on the
+//! blocking pool ([`blocking`]).
+#![forbid(unsafe_code)]
+
+mod admin;
+mod auth;
+mod enroll;
+mod error;
+pub mod listener;
+pub mod messages;
+mod request;
+mod router;
+mod state;
+
+pub use auth::Admin;
+pub use error::ApiError;
+pub use router::{app, routes};
+pub use state::{device_info, HttpState, MetricsText, PeerInfo};

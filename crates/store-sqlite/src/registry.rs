@@ -1,0 +1,543 @@
+//! The SQLite backend: one WAL-mode database file in the data dir, `synchronous = FULL` so an
+//! acknowledged enrolment survives a power loss.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use devid_proto::{AuditEntry, DeviceId, DeviceState};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use devid_stdx::rfc3339;
+use devid_store::{
+    tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
+    NewAudit, NewToken, Outcome, Registry, RegistryTx, StoreError, TokenRow,
+};
+
+/// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
+/// device cannot leave `revoked` (trigger), so even a bug above cannot undo either.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_credentials (
+    token_hash TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    device_id  TEXT,
+    policy     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    used_by    TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id              TEXT PRIMARY KEY,
+    state           TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'revoked')),
+    cert_serial     TEXT NOT NULL,
+    cert_not_after  INTEGER NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    policy          TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    enrolled_at     INTEGER NOT NULL,
+    last_seen       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    time      INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    device_id TEXT,
+    action    TEXT NOT NULL,
+    outcome   TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    source    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_device ON audit (device_id, id);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS revoked_is_permanent BEFORE UPDATE OF state ON devices
+    WHEN OLD.state = 'revoked' AND NEW.state <> 'revoked'
+    BEGIN SELECT RAISE(ABORT, 'revocation is permanent'); END;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+"#;
+
+/// A registry in one SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    /// For [`Store::record_last_seen`] only.
+    seen: Mutex<Connection>,
+    /// For [`Store::try_device_now`] only (read-only, no busy timeout).
+    reader: Mutex<Connection>,
+}
+
+fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| StoreError::Db {
+        operation,
+        detail: e.to_string(),
+    }
+}
+
+const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
+                              created_at, enrolled_at, last_seen";
+
+fn device_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, DeviceRecordRest)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        DeviceRecordRest {
+            cert_serial: row.get(2)?,
+            cert_not_after_ms: row.get(3)?,
+            key_fingerprint: row.get(4)?,
+            policy: row.get(5)?,
+            created_at_ms: row.get(6)?,
+            enrolled_at_ms: row.get(7)?,
+            last_seen_ms: row.get(8)?,
+        },
+    ))
+}
+
+struct DeviceRecordRest {
+    cert_serial: String,
+    cert_not_after_ms: i64,
+    key_fingerprint: String,
+    policy: String,
+    created_at_ms: i64,
+    enrolled_at_ms: i64,
+    last_seen_ms: i64,
+}
+
+fn to_record(
+    (id, state, r): (String, String, DeviceRecordRest),
+) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        id: DeviceId::parse(&id).map_err(|e| StoreError::Corrupt {
+            what: "device id",
+            detail: e.to_string(),
+        })?,
+        state: state.parse().map_err(|e: String| StoreError::Corrupt {
+            what: "device state",
+            detail: e,
+        })?,
+        cert_serial: r.cert_serial,
+        cert_not_after_ms: r.cert_not_after_ms,
+        key_fingerprint: r.key_fingerprint,
+        policy: r.policy,
+        created_at_ms: r.created_at_ms,
+        enrolled_at_ms: r.enrolled_at_ms,
+        last_seen_ms: r.last_seen_ms,
+    })
+}
+
+fn load_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    device_of(query_device(conn, id))
+}
+
+fn device_of(
+    row: rusqlite::Result<Option<(String, String, DeviceRecordRest)>>,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    row.map_err(db("read device"))?.map(to_record).transpose()
+}
+
+fn query_device(
+    conn: &Connection,
+    id: &str,
+) -> rusqlite::Result<Option<(String, String, DeviceRecordRest)>> {
+    // cached: every MQTT CONNECT reads its device
+    conn.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+    ))
+    .and_then(|mut st| st.query_row(params![id], device_row))
+    .optional()
+}
+
+fn insert_audit(conn: &Connection, row: &NewAudit<'_>) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit (time, actor, device_id, action, outcome, detail, source) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            row.ctx.now_ms,
+            row.ctx.actor,
+            row.device_id,
+            row.action,
+            row.outcome,
+            row.detail,
+            row.ctx.source
+        ],
+    )
+    .map_err(db("append audit"))?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating when missing) the database at `path` and bring its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let existed = path.exists();
+        let conn = Connection::open(path).map_err(db("open"))?;
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| StoreError::Db {
+                    operation: "open",
+                    detail: format!("chmod 600 {}: {e}", path.display()),
+                },
+            )?;
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("configure"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db("enable WAL"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Db {
+                operation: "enable WAL",
+                detail: format!("journal mode is {mode}"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(db("configure"))?;
+        conn.execute_batch(SCHEMA).map_err(db("create schema"))?;
+        // last_seen gets a connection of its own: its batches wait for the database's write
+        // lock (the message indexer shares the file) without holding the registry's
+        // connection, which every CONNECT reads through. It is a convenience, not a record
+        // that must survive a power cut: NORMAL skips the fsync at commit.
+        let seen = Connection::open(path).map_err(db("open"))?;
+        seen.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db("configure"))?;
+        seen.execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(db("configure"))?;
+        // The in-place reader of `try_device_now`: no busy handler, so it never sleeps on an
+        // async worker (a busy database sends the caller to the blocking path instead).
+        let reader = Connection::open(path).map_err(db("open"))?;
+        reader
+            .execute_batch("PRAGMA query_only = ON;")
+            .map_err(db("configure"))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            seen: Mutex::new(seen),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Db {
+            operation: "lock",
+            detail: "a previous database operation panicked; restart the server".into(),
+        })
+    }
+}
+
+impl Registry for SqliteStore {
+    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn()?
+            .execute(
+                "INSERT INTO admin_credentials (token_hash, created_at) VALUES (?1, ?2)",
+                params![hash, now_ms],
+            )
+            .map_err(db("add admin credential"))?;
+        Ok(())
+    }
+
+    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .conn()?
+            .query_row(
+                "SELECT COUNT(*) FROM admin_credentials WHERE token_hash = ?1",
+                params![hash],
+                |r| r.get(0),
+            )
+            .map_err(db("check admin credential"))?;
+        Ok(n > 0)
+    }
+
+    fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::create_token(open, token, ctx)
+    }
+
+    fn enroll(
+        &self,
+        a: &EnrollAttempt<'_>,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::enroll(open, a, issue)
+    }
+
+    fn renew(
+        &self,
+        id: &DeviceId,
+        key_fingerprint: &str,
+        ctx: &AuditCtx,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::renew(open, id, key_fingerprint, ctx, issue)
+    }
+
+    fn set_state(
+        &self,
+        id: &DeviceId,
+        target: DeviceState,
+        ctx: &AuditCtx,
+    ) -> Outcome<DeviceRecord> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::set_state(open, id, target, ctx)
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))
+            .map_err(db("list devices"))?;
+        let rows = stmt
+            .query_map([], device_row)
+            .map_err(db("list devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list devices"))?;
+        rows.into_iter().map(to_record).collect()
+    }
+}
+
+/// One `BEGIN IMMEDIATE` transaction: it holds the database's write lock from the start, so
+/// nothing another connection writes can change what the transaction read.
+struct SqliteTx<'c>(rusqlite::Transaction<'c>);
+
+impl<'c> SqliteTx<'c> {
+    fn begin(conn: &'c mut Connection) -> Result<Self, StoreError> {
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)
+            .map(SqliteTx)
+            .map_err(db("begin"))
+    }
+}
+
+impl RegistryTx for SqliteTx<'_> {
+    fn lock_device(&mut self, _id: &DeviceId) -> Result<(), StoreError> {
+        Ok(()) // BEGIN IMMEDIATE excludes every other writer already
+    }
+
+    fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        load_device(&self.0, id.as_str())
+    }
+
+    fn token_for_update(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
+                 WHERE token_hash = ?1",
+                params![hash],
+                |r| {
+                    Ok(TokenRow {
+                        bound: r.get(0)?,
+                        policy: r.get(1)?,
+                        expires_at_ms: r.get(2)?,
+                        used: r.get::<_, Option<i64>>(3)?.is_some(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(db("read token"))
+    }
+
+    fn consume_token(
+        &mut self,
+        hash: &str,
+        used_by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .0
+            .execute(
+                "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 \
+                 WHERE token_hash = ?3 AND used_at IS NULL AND expires_at > ?1",
+                params![now_ms, used_by.as_str(), hash],
+            )
+            .map_err(db("consume token"))?;
+        Ok(n == 1)
+    }
+
+    fn insert_token(&mut self, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO enrollment_tokens (token_hash, device_id, policy, created_at, \
+                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    token.hash,
+                    token.device_id.as_ref().map(|d| d.as_str()),
+                    token.policy,
+                    now_ms,
+                    token.expires_at_ms
+                ],
+            )
+            .map_err(db("create token"))?;
+        Ok(())
+    }
+
+    fn write_enrolled(
+        &mut self,
+        id: &DeviceId,
+        cert: &IssuedCert,
+        key_fingerprint: &str,
+        policy: &str,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let n = self
+            .0
+            .execute(
+                "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
+                 policy, created_at, enrolled_at, last_seen) \
+                 VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6, ?6) \
+                 ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
+                 cert_not_after = excluded.cert_not_after, \
+                 key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
+                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen \
+                 WHERE devices.state = 'active'",
+                params![
+                    id.as_str(),
+                    cert.serial_hex,
+                    cert.not_after_ms,
+                    key_fingerprint,
+                    policy,
+                    now_ms
+                ],
+            )
+            .map_err(db("record device"))?;
+        Ok(n as u64)
+    }
+
+    fn write_renewed(
+        &mut self,
+        id: &DeviceId,
+        cert: &IssuedCert,
+        key_fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let n = self
+            .0
+            .execute(
+                "UPDATE devices SET cert_serial = ?1, cert_not_after = ?2, key_fingerprint = ?3, \
+                 last_seen = ?4 WHERE id = ?5 AND state = 'active'",
+                params![
+                    cert.serial_hex,
+                    cert.not_after_ms,
+                    key_fingerprint,
+                    now_ms,
+                    id.as_str()
+                ],
+            )
+            .map_err(db("record renewal"))?;
+        Ok(n as u64)
+    }
+
+    fn write_state(&mut self, id: &DeviceId, target: DeviceState) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "UPDATE devices SET state = ?1 WHERE id = ?2",
+                params![target.as_str(), id.as_str()],
+            )
+            .map_err(db("change device state"))?;
+        Ok(())
+    }
+
+    fn insert_audit(&mut self, row: &NewAudit<'_>) -> Result<(), StoreError> {
+        insert_audit(&self.0, row)
+    }
+
+    fn commit(self) -> Result<(), StoreError> {
+        self.0.commit().map_err(db("commit"))
+    }
+}
+
+impl DeviceLookup for SqliteStore {
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        load_device(&*self.conn()?, id.as_str())
+    }
+
+    fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {
+        let mut conn = self.seen.lock().map_err(|_| StoreError::Db {
+            operation: "lock",
+            detail: "a previous last-seen write panicked; restart the server".into(),
+        })?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE devices SET last_seen = ?1 WHERE id = ?2 AND last_seen < ?1",
+                )
+                .map_err(db("record last seen"))?;
+            for (id, ms) in seen {
+                stmt.execute(params![ms, id.as_str()])
+                    .map_err(db("record last seen"))?;
+            }
+        }
+        tx.commit().map_err(db("commit"))
+    }
+
+    fn try_device_now(&self, id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
+        // A WAL reader does not wait for writers; in the rare cases SQLite still answers
+        // SQLITE_BUSY (e.g. WAL recovery), or another worker holds the reader, the caller
+        // takes the blocking path.
+        match self.reader.try_lock() {
+            Ok(conn) => match query_device(&conn, id.as_str()) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) =>
+                {
+                    None
+                }
+                row => Some(device_of(row)),
+            },
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(_)) => Some(Err(StoreError::Db {
+                operation: "lock",
+                detail: "a previous database operation panicked; restart the server".into(),
+            })),
+        }
+    }
+}
+
+impl AuditLog for SqliteStore {
+    fn append_audit(&self, row: &NewAudit<'_>) -> Result<(), StoreError> {
+        insert_audit(&*self.conn()?, row)
+    }
+
+    fn audit_log(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, time, actor, device_id, action, outcome, detail, source FROM audit \
+                 WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(db("read audit"))?;
+        let mut rows = stmt
+            .query_map(params![device, limit], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    time: rfc3339(r.get(1)?),
+                    actor: r.get(2)?,
+                    device_id: r.get(3)?,
+                    action: r.get(4)?,
+                    outcome: r.get(5)?,
+                    detail: r.get(6)?,
+                    source: r.get(7)?,
+                })
+            })
+            .map_err(db("read audit"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("read audit"))?;
+        rows.reverse();
+        Ok(rows)
+    }
+}

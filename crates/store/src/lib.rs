@@ -1,0 +1,321 @@
+//! The server's storage contract (an API boundary, like `devid-keystore` on the device): the
+//! registry, enrolment tokens, admin credentials and the append-only audit log behind small
+//! traits, the telemetry [`messages`] contract, the value types both sides share, the rules
+//! every backend applies ([`rules`]) and the enrolment, renewal and state-change transactions
+//! written once over a per-backend [`RegistryTx`] ([`tx`]).
+//!
+//! Backends live in crates of their own (`devid-store-sqlite`, `devid-store-postgres`), the
+//! only ones that link a database driver.
+//!
+//! **Blocking vs async.** Every method of every trait here blocks (disk, locks, network):
+//! async callers run them through `tokio::task::spawn_blocking` (the HTTPS API's `blocking`
+//! helper, the ingest's registry reads). The one method an async worker may call directly is
+//! [`DeviceLookup::try_device_now`], which answers only when it can without waiting and else
+//! returns `None`. The PostgreSQL backend panics on an executor thread, so a slip shows in
+//! the first test that runs it.
+//!
+//! Invariants: knows no driver, no HTTP, no MQTT session and no config file; never reads a
+//! path of the data dir; operations that must be atomic (enrolment, renewal, state changes)
+//! run in one transaction that writes its own audit row, so an acknowledged change always
+//! has its audit row.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::sync::Weak;
+
+use devid_proto::{AuditEntry, DeviceId, DeviceState};
+
+pub mod messages;
+mod rules;
+pub mod token;
+pub mod tx;
+
+pub use messages::{Appended, IndexHook, LiveMessage, MessageStore, NewMessage, StoredMessage};
+pub use rules::TokenRow;
+pub use tx::RegistryTx;
+
+/// Storage failures (not refusals: those are [`Refusal`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database {operation} failed: {detail}")]
+    Db {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's words (never a token: tokens are bound as parameters, never
+        /// formatted into SQL).
+        detail: String,
+    },
+    /// The database holds something this version cannot read.
+    #[error("database holds an invalid {what}: {detail}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// Signing the certificate inside the transaction failed; nothing was stored.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+}
+
+/// The CA could not issue a certificate inside a registry transaction (its words, never a
+/// key).
+#[derive(Debug, thiserror::Error)]
+#[error("issuing the certificate failed: {0}")]
+pub struct IssueError(pub String);
+
+/// A certificate just issued.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Serial number, lowercase hex.
+    pub serial_hex: String,
+    /// Expiry, milliseconds since the epoch.
+    pub not_after_ms: i64,
+}
+
+/// Why the store refused an operation; nothing changed except the audit row. Exhaustive on
+/// purpose: a new refusal makes every consumer decide how to answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such enrolment token.
+    TokenUnknown,
+    /// The token was used already.
+    TokenUsed,
+    /// The token expired.
+    TokenExpired,
+    /// The token is bound to another device id than the one requested.
+    TokenBoundToOther,
+    /// A device with this id exists and the token is not bound to it.
+    DeviceExists,
+    /// The device is revoked (for good).
+    DeviceRevoked,
+    /// The device is suspended.
+    DeviceSuspended,
+    /// No such device.
+    DeviceUnknown,
+}
+
+impl Refusal {
+    /// Stable code for JSON errors and the audit log.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::TokenUnknown => "token_unknown",
+            Refusal::TokenUsed => "token_used",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::TokenBoundToOther => "token_device_mismatch",
+            Refusal::DeviceExists => "device_exists",
+            Refusal::DeviceRevoked => "device_revoked",
+            Refusal::DeviceSuspended => "device_suspended",
+            Refusal::DeviceUnknown => "device_unknown",
+        }
+    }
+
+    /// A sentence for the client.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::TokenUnknown => "unknown enrolment token; ask the operator for a new one",
+            Refusal::TokenUsed => {
+                "enrolment token was already used; tokens are single-use, ask for a new one"
+            }
+            Refusal::TokenExpired => "enrolment token expired; ask the operator for a new one",
+            Refusal::TokenBoundToOther => {
+                "enrolment token is bound to another device id; omit device_id or use the \
+                 token made for this device"
+            }
+            Refusal::DeviceExists => {
+                "a device with this id is already enrolled; pick another id, or have the \
+                 operator create a token bound to this id to re-enrol it"
+            }
+            Refusal::DeviceRevoked => "device is revoked; revocation is permanent",
+            Refusal::DeviceSuspended => "device is suspended; ask the operator to resume it",
+            Refusal::DeviceUnknown => "no such device in the registry",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// Who does something and from where, for the audit row.
+#[derive(Debug, Clone)]
+pub struct AuditCtx {
+    /// `admin`, `device:<id>`, `anonymous`.
+    pub actor: String,
+    /// Peer address.
+    pub source: String,
+    /// Time of the operation, ms since the epoch.
+    pub now_ms: i64,
+}
+
+/// A new audit row.
+#[derive(Debug, Clone)]
+pub struct NewAudit<'a> {
+    /// Context.
+    pub ctx: &'a AuditCtx,
+    /// Device concerned.
+    pub device_id: Option<&'a str>,
+    /// Action name.
+    pub action: &'a str,
+    /// `ok` or `refused`.
+    pub outcome: &'a str,
+    /// Code or non-secret detail.
+    pub detail: &'a str,
+}
+
+/// A new enrolment token (only its hash).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// Bound device id.
+    pub device_id: Option<DeviceId>,
+    /// Policy for the device that uses it.
+    pub policy: String,
+    /// Expiry, ms since the epoch.
+    pub expires_at_ms: i64,
+}
+
+/// A registry row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Device id.
+    pub id: DeviceId,
+    /// State.
+    pub state: DeviceState,
+    /// Newest certificate serial, hex.
+    pub cert_serial: String,
+    /// Its expiry, ms.
+    pub cert_not_after_ms: i64,
+    /// Hex SHA-256 of the device key's SPKI.
+    pub key_fingerprint: String,
+    /// Policy name.
+    pub policy: String,
+    /// Row creation, ms.
+    pub created_at_ms: i64,
+    /// Last enrolment, ms.
+    pub enrolled_at_ms: i64,
+    /// Last seen, ms.
+    pub last_seen_ms: i64,
+}
+
+/// An enrolment to attempt.
+#[derive(Debug, Clone)]
+pub struct EnrollAttempt<'a> {
+    /// Hex SHA-256 of the presented token.
+    pub token_hash: &'a str,
+    /// The id the device asked for.
+    pub requested_id: Option<&'a DeviceId>,
+    /// Hex SHA-256 of the CSR's key.
+    pub key_fingerprint: &'a str,
+    /// Audit context (actor `anonymous`, source, time).
+    pub ctx: &'a AuditCtx,
+}
+
+/// Issues the certificate inside the store's transaction, once the device id is known.
+pub type IssueFn<'a> = &'a mut dyn FnMut(&DeviceId) -> Result<IssuedCert, IssueError>;
+
+/// Result of an operation that may be refused.
+pub type Outcome<T> = Result<Result<T, Refusal>, StoreError>;
+
+/// Reading devices, as the MQTT ingest does at every CONNECT and re-check.
+pub trait DeviceLookup: Send + Sync + fmt::Debug {
+    /// One device.
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// [`DeviceLookup::device`], but only if it can be answered at once without waiting for
+    /// a lock or the network (an embedded database whose connection is free): `None` tells
+    /// the caller to use [`DeviceLookup::device`] off the async executor. The only method of
+    /// this crate's traits that may run on an async worker thread.
+    fn try_device_now(&self, _id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
+        None
+    }
+
+    /// Move devices' `last_seen` forward to the given times (ms since the epoch; an older time
+    /// than the stored one changes nothing), in one transaction. Unknown ids are skipped.
+    fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError>;
+
+    /// Follow the device state changes that every node sharing this store commits: tell
+    /// `sink` about each one (from a thread of the store's), until `sink` is dropped. A node
+    /// uses it to cut the live sessions of a device that another node suspended or revoked.
+    /// Returns false when there is nothing to follow because the store is this node's alone
+    /// (SQLite): the node's own admin path reports its changes directly.
+    fn follow_state_changes(&self, sink: Weak<dyn StateChangeSink>) -> Result<bool, StoreError> {
+        let _ = sink;
+        Ok(false)
+    }
+}
+
+/// The append-only audit log.
+pub trait AuditLog: Send + Sync + fmt::Debug {
+    /// Append an audit row.
+    fn append_audit(&self, row: &NewAudit<'_>) -> Result<(), StoreError>;
+
+    /// The newest `limit` audit rows (oldest first), optionally for one device.
+    fn audit_log(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+/// What the MQTT ingest may do with the registry: read devices, note `last_seen`, audit its
+/// refusals. Never enrol, renew or change a state: least privilege in the type.
+pub trait IngestRegistry: DeviceLookup + AuditLog {}
+
+impl<T: DeviceLookup + AuditLog + ?Sized> IngestRegistry for T {}
+
+/// The whole registry, as the HTTPS API and `devid-server init` use it.
+pub trait Registry: IngestRegistry {
+    /// Record the hash of an admin bearer token.
+    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Whether a bearer token hash belongs to an admin.
+    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError>;
+
+    /// Store a new enrolment token (its hash) and audit it.
+    fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError>;
+
+    /// Enrol: check and consume the token atomically, choose the device id (token binding,
+    /// else the request, else a new UUID v4), call `issue`, record the device and the audit
+    /// row, all in one transaction ([`tx::enroll`]). A refusal changes nothing but writes a
+    /// `refused` audit row.
+    fn enroll(
+        &self,
+        attempt: &EnrollAttempt<'_>,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)>;
+
+    /// Renew: the device must be active; `issue` runs inside the transaction that records the
+    /// new serial, key fingerprint and last-seen time ([`tx::renew`]).
+    fn renew(
+        &self,
+        id: &DeviceId,
+        key_fingerprint: &str,
+        ctx: &AuditCtx,
+        issue: IssueFn<'_>,
+    ) -> Outcome<(DeviceRecord, IssuedCert)>;
+
+    /// Move a device to `target` ([`tx::set_state`]). Revocation is permanent: leaving
+    /// `revoked` is refused with [`Refusal::DeviceRevoked`]. Setting the current state again
+    /// is a no-op that succeeds.
+    fn set_state(
+        &self,
+        id: &DeviceId,
+        target: DeviceState,
+        ctx: &AuditCtx,
+    ) -> Outcome<DeviceRecord>;
+
+    /// Every device, by id.
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+}
+
+/// Told about device state changes committed by any node (see
+/// [`DeviceLookup::follow_state_changes`]).
+pub trait StateChangeSink: Send + Sync {
+    /// `id` is now in `state` (the change is committed). May be called more than once for one
+    /// change, also for the node's own changes: it must be idempotent.
+    fn state_changed(&self, id: &DeviceId, state: DeviceState);
+}

@@ -1,0 +1,222 @@
+//! The registry's transactions, written once for every backend.
+//!
+//! A backend implements [`RegistryTx`]: a handful of primitives over ONE open database
+//! transaction (read a token and lock its row, lock a device, read a device, write the rows,
+//! append an audit row, commit). The scripts below decide what happens, in what order, and
+//! what the audit row says, with [`crate::rules`] answering who is refused. So the SQLite and
+//! PostgreSQL backends cannot drift apart on a check, its order or its audit trail: they
+//! only differ in how they lock (SQLite: `BEGIN IMMEDIATE` holds the database's write lock;
+//! PostgreSQL: `SELECT ... FOR UPDATE` on the token and an advisory lock per device).
+//!
+//! Dropping a transaction without [`RegistryTx::commit`] rolls it back: an error anywhere in a
+//! script stores nothing.
+
+use devid_proto::{DeviceId, DeviceState};
+
+use crate::rules::{self, TokenRow, TokenUse};
+use crate::{
+    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome,
+    Refusal, StoreError,
+};
+
+/// One open transaction of a backend. Every method runs inside it.
+pub trait RegistryTx: Sized {
+    /// Serialise every change to device `id` until this transaction ends (across nodes where
+    /// the database is shared). A backend whose transaction already excludes every other
+    /// writer (SQLite's `BEGIN IMMEDIATE`) does nothing.
+    fn lock_device(&mut self, id: &DeviceId) -> Result<(), StoreError>;
+
+    /// The device row, as this transaction sees it.
+    fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// The token with this hash, its row locked against concurrent consumption.
+    fn token_for_update(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Mark the token used by `used_by` if it is still unused and unexpired at `now_ms`
+    /// (`UPDATE ... WHERE used_at IS NULL AND expires_at > now`). False when it was not.
+    fn consume_token(
+        &mut self,
+        hash: &str,
+        used_by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Store a new enrolment token.
+    fn insert_token(&mut self, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Insert the device as active, or update an active one (re-enrolment) with the new
+    /// certificate, key and policy. Returns the rows written (1, or 0 if the row is no longer
+    /// active).
+    fn write_enrolled(
+        &mut self,
+        id: &DeviceId,
+        cert: &IssuedCert,
+        key_fingerprint: &str,
+        policy: &str,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Record a renewal of an active device. Returns the rows written (1, or 0).
+    fn write_renewed(
+        &mut self,
+        id: &DeviceId,
+        cert: &IssuedCert,
+        key_fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Set the device's state; a shared database also announces the change to the other
+    /// nodes in this transaction (delivered if and only if it commits).
+    fn write_state(&mut self, id: &DeviceId, target: DeviceState) -> Result<(), StoreError>;
+
+    /// Append an audit row.
+    fn insert_audit(&mut self, row: &NewAudit<'_>) -> Result<(), StoreError>;
+
+    /// Commit.
+    fn commit(self) -> Result<(), StoreError>;
+}
+
+/// A refusal found before anything was written: its audit row is the transaction's only
+/// write, then commit.
+fn refuse<T, X: RegistryTx>(
+    mut tx: X,
+    ctx: &AuditCtx,
+    action: &str,
+    device: Option<&str>,
+    why: Refusal,
+) -> Outcome<T> {
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: device,
+        action,
+        outcome: "refused",
+        detail: why.code(),
+    })?;
+    tx.commit()?;
+    Ok(Err(why))
+}
+
+fn changed_meanwhile(what: &str) -> StoreError {
+    // Cannot happen under the device lock; never hand out a certificate unrecorded.
+    StoreError::Corrupt {
+        what: "device",
+        detail: format!("the device row changed during the {what}; nothing was stored"),
+    }
+}
+
+/// Create an enrolment token and audit it.
+pub fn create_token<X: RegistryTx>(
+    mut tx: X,
+    token: &NewToken,
+    ctx: &AuditCtx,
+) -> Result<(), StoreError> {
+    tx.insert_token(token, ctx.now_ms)?;
+    let detail = rules::token_detail(token);
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: token.device_id.as_ref().map(|d| d.as_str()),
+        action: "token.create",
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    tx.commit()
+}
+
+/// Enrol (see [`crate::Registry::enroll`]). Refusals in this order: the token (unknown, used,
+/// expired, bound to another id), then the device's state, then a token consumed meanwhile.
+pub fn enroll<X: RegistryTx>(
+    mut tx: X,
+    a: &EnrollAttempt<'_>,
+    issue: IssueFn<'_>,
+) -> Outcome<(DeviceRecord, IssuedCert)> {
+    let now = a.ctx.now_ms;
+    // A concurrent enrolment with the same token waits here and then sees it used.
+    let token = tx.token_for_update(a.token_hash)?;
+    let TokenUse { id, policy, bound } = match rules::check_token(token, a.requested_id, now)? {
+        Ok(u) => u,
+        Err((why, dev)) => return refuse(tx, a.ctx, "enroll", dev.as_deref(), why),
+    };
+    tx.lock_device(&id)?;
+    let existing = tx.device(&id)?;
+    if let Some(r) = rules::enroll_refusal(existing.as_ref().map(|d| d.state), bound) {
+        return refuse(tx, a.ctx, "enroll", Some(id.as_str()), r);
+    }
+    if !tx.consume_token(a.token_hash, &id, now)? {
+        return refuse(tx, a.ctx, "enroll", Some(id.as_str()), Refusal::TokenUsed);
+    }
+    let cert = issue(&id)?;
+    if tx.write_enrolled(&id, &cert, a.key_fingerprint, &policy, now)? != 1 {
+        return Err(changed_meanwhile("enrolment"));
+    }
+    let detail = rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
+    tx.insert_audit(&NewAudit {
+        ctx: a.ctx,
+        device_id: Some(id.as_str()),
+        action: "enroll",
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    let record = tx
+        .device(&id)?
+        .ok_or_else(|| rules::row_missing("insert"))?;
+    tx.commit()?;
+    Ok(Ok((record, cert)))
+}
+
+/// Renew (see [`crate::Registry::renew`]): only an active device.
+pub fn renew<X: RegistryTx>(
+    mut tx: X,
+    id: &DeviceId,
+    key_fingerprint: &str,
+    ctx: &AuditCtx,
+    issue: IssueFn<'_>,
+) -> Outcome<(DeviceRecord, IssuedCert)> {
+    tx.lock_device(id)?;
+    let state = tx.device(id)?.map(|d| d.state);
+    if let Some(r) = rules::renew_refusal(state) {
+        return refuse(tx, ctx, "renew", Some(id.as_str()), r);
+    }
+    let cert = issue(id)?;
+    if tx.write_renewed(id, &cert, key_fingerprint, ctx.now_ms)? != 1 {
+        return Err(changed_meanwhile("renewal"));
+    }
+    let detail = rules::renew_detail(&cert, key_fingerprint);
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: Some(id.as_str()),
+        action: "renew",
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    let record = tx.device(id)?.ok_or_else(|| rules::row_missing("update"))?;
+    tx.commit()?;
+    Ok(Ok((record, cert)))
+}
+
+/// Change a device's state (see [`crate::Registry::set_state`]).
+pub fn set_state<X: RegistryTx>(
+    mut tx: X,
+    id: &DeviceId,
+    target: DeviceState,
+    ctx: &AuditCtx,
+) -> Outcome<DeviceRecord> {
+    let action = rules::state_action(target);
+    tx.lock_device(id)?;
+    let state = tx.device(id)?.map(|d| d.state);
+    let current = match rules::state_change(state, target) {
+        Ok(c) => c,
+        Err(r) => return refuse(tx, ctx, action, Some(id.as_str()), r),
+    };
+    tx.write_state(id, target)?;
+    let detail = rules::state_detail(current, target);
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: Some(id.as_str()),
+        action,
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    let record = tx.device(id)?.ok_or_else(|| rules::row_missing("update"))?;
+    tx.commit()?;
+    Ok(Ok(record))
+}
