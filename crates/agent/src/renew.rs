@@ -9,8 +9,6 @@
 
 use devid_keystore::{spki_der, Keystore};
 use devid_vault::Vault;
-use sha2::{Digest, Sha256};
-use x509_parser::prelude::*;
 
 /// Serial and validity of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,41 +70,11 @@ pub fn check_chain(
     device_id: &str,
     ks: &dyn Keystore,
 ) -> Result<(), RenewError> {
-    let bad = |s: &str| RenewError::BadChain(s.to_string());
-    let pems: Vec<x509_parser::pem::Pem> =
-        x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad("unparsable PEM"))?;
-    let leaf_pem = pems.first().ok_or_else(|| bad("empty chain"))?;
-    let ca_pem = pems
-        .iter()
-        .find(|p| hex::encode(Sha256::digest(&p.contents)) == pin)
-        .ok_or_else(|| bad("the chain does not contain the pinned CA certificate"))?;
-    let (_, leaf) =
-        parse_x509_certificate(&leaf_pem.contents).map_err(|_| bad("leaf does not parse"))?;
-    let (_, ca) = parse_x509_certificate(&ca_pem.contents).map_err(|_| bad("CA does not parse"))?;
-    leaf.verify_signature(Some(ca.public_key()))
-        .map_err(|_| bad("the leaf is not signed by the pinned CA"))?;
-    if leaf.public_key().raw != spki_der(&ks.public_key()).as_slice() {
-        return Err(bad(
-            "the server certified another public key than this device's",
-        ));
-    }
-    let expected = format!("urn:devid:{device_id}");
-    let named = leaf
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value
-                .general_names
-                .iter()
-                .any(|n| matches!(n, GeneralName::URI(u) if *u == expected))
-        });
-    if !named {
-        return Err(bad("the certificate does not name this device"));
-    }
-    Ok(())
+    let id =
+        devid_proto::DeviceId::parse(device_id).map_err(|e| RenewError::BadChain(e.to_string()))?;
+    devid_enroll::verify_issued_chain(chain_pem, pin, &id, &spki_der(&ks.public_key()))
+        .map(|_| ())
+        .map_err(|e| RenewError::BadChain(e.to_string()))
 }
 
 /// Renew once (blocking: network and keystore). Returns the new chain, already sealed.

@@ -12,8 +12,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use devid_keystore::{spki_der, Keystore};
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use x509_parser::prelude::*;
 
 use crate::cli::EnrollArgs;
 
@@ -83,48 +81,9 @@ fn read_token(arg: &str) -> Result<String> {
 
 /// Check the chain the server returned; returns the CA certificate (PEM) it chains to.
 fn check_chain(chain_pem: &str, pin: &str, device_id: &str, ks: &dyn Keystore) -> Result<String> {
-    let pems: Vec<x509_parser::pem::Pem> =
-        x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .context("the server returned an unparsable certificate chain")?;
-    let leaf_pem = pems.first().context("the server returned an empty chain")?;
-    let ca_pem = pems
-        .iter()
-        .find(|p| hex::encode(Sha256::digest(&p.contents)) == pin)
-        .context("the returned chain does not contain the pinned CA certificate")?;
-    let (_, leaf) = parse_x509_certificate(&leaf_pem.contents)
-        .map_err(|e| anyhow::anyhow!("the device certificate does not parse: {e}"))?;
-    let (_, ca) = parse_x509_certificate(&ca_pem.contents)
-        .map_err(|e| anyhow::anyhow!("the CA certificate does not parse: {e}"))?;
-    leaf.verify_signature(Some(ca.public_key()))
-        .map_err(|_| anyhow::anyhow!("the device certificate is not signed by the pinned CA"))?;
-    if leaf.public_key().raw != spki_der(&ks.public_key()).as_slice() {
-        bail!("the server certified another public key than this device's");
-    }
-    let expected = format!("urn:devid:{device_id}");
-    let has_uri = leaf
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .any(|n| matches!(n, GeneralName::URI(u) if *u == expected))
-        })
-        .unwrap_or(false);
-    if !has_uri {
-        bail!("the device certificate does not name {expected}");
-    }
-    let b64 = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(&ca_pem.contents)
-    };
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    Ok(out)
+    let id = devid_proto::DeviceId::parse(device_id)
+        .context("the server returned an invalid device id")?;
+    let spki = spki_der(&ks.public_key());
+    let verified = devid_enroll::verify_issued_chain(chain_pem, pin, &id, &spki)?;
+    Ok(verified.ca_pem)
 }

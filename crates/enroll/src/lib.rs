@@ -7,6 +7,8 @@
 //!   chain contains a certificate whose SHA-256(DER) equals the CA pin, and the server
 //!   certificate then verifies against that CA for the URL's host name.
 //! * [`renew`]: `POST /v1/renew` over mutual TLS, the TLS signature made by the keystore.
+//! * [`verify_issued_chain`]: the device's check of the chain either returns (pinned CA, our
+//!   key, our device id by the one identity rule of `devid_tls::identity`).
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,10 @@ use devid_proto::{
 };
 use devid_tls::parse_pin;
 pub use devid_tls::KeystoreSigningKey;
+
+mod chain;
+
+pub use chain::{verify_issued_chain, ChainError, VerifiedChain};
 use p256::pkcs8::DecodePublicKey;
 use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, PKCS_ECDSA_P256_SHA256};
 use rustls::client::ResolvesClientCert;
