@@ -49,6 +49,15 @@ fn messages_published_on_one_node_are_read_on_the_other() {
         !a.dir.join("messages.db").exists() && !b.dir.join("messages.db").exists(),
         "no node-local message file on PostgreSQL"
     );
+    // registry and messages share ONE pool, opened (and migrated) once per node
+    for node in [&a, &b] {
+        let log = node.log_text();
+        assert_eq!(
+            log.matches("PostgreSQL store ready").count(),
+            1,
+            "the store was opened more than once:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

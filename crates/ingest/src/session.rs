@@ -23,7 +23,7 @@ use super::policy::Policy;
 use super::tls::{failure_reason, is_certificate_failure};
 use crate::shared::{sanitize, AuditRow, Ingest};
 use devid_stdx::now_ms;
-use devid_store::{DeviceRecord, IngestRegistry, NewMessage, StoreError};
+use devid_store::{CertStanding, DeviceRecord, IngestRegistry, NewMessage, StoreError};
 use devid_tls::identity::{identity_of, CertIdentity};
 
 /// Time allowed to write to a client that does not read.
@@ -227,6 +227,7 @@ struct Accepted {
     announce_keep_alive: Option<u16>,
     will: Option<Will>,
     key_fingerprint: String,
+    cert_serial: String,
     cert_not_after_ms: i64,
 }
 
@@ -358,14 +359,30 @@ async fn authenticate(
             ))
         }
     }
-    if record.key_fingerprint != identity.key_fingerprint {
-        // The device re-enrolled or rotated its key: certificates for the old key are dead.
-        return Err(refused(
-            "cert_superseded",
-            BAD_CREDENTIALS,
-            V3_NOT_AUTHORIZED,
-            Some(&id),
-        ));
+    match record.certificate_standing(&identity.serial_hex, &identity.key_fingerprint) {
+        // The first use of a renewed certificate: from now on its predecessor is dead (and
+        // that must be on disk before this session is accepted).
+        CertStanding::Current if record.predecessor.is_some() => {
+            if let Err(e) = mark_cert_used(&tel.registry, &id, &identity.serial_hex).await {
+                tracing::error!(error = %e, %addr, "recording a certificate's first use failed");
+                return Err(refused(
+                    "registry_unavailable",
+                    0x88,
+                    V3_SERVER_UNAVAILABLE,
+                    Some(&id),
+                ));
+            }
+        }
+        CertStanding::Current | CertStanding::Predecessor => {}
+        // Renewed since, or re-enrolled: an older certificate is dead, whatever its key.
+        CertStanding::Superseded => {
+            return Err(refused(
+                "cert_superseded",
+                BAD_CREDENTIALS,
+                V3_NOT_AUTHORIZED,
+                Some(&id),
+            ));
+        }
     }
     if guard.handle.reason() != CloseReason::None {
         let why = guard.handle.reason();
@@ -392,6 +409,7 @@ async fn authenticate(
         announce_keep_alive: announce,
         will: connect.will.clone(),
         key_fingerprint: identity.key_fingerprint,
+        cert_serial: identity.serial_hex,
         cert_not_after_ms: identity.not_after_ms,
     })
 }
@@ -434,6 +452,7 @@ struct Session {
     will: Option<Will>,
     subscriptions: Vec<String>,
     key_fingerprint: String,
+    cert_serial: String,
     cert_not_after_ms: i64,
 }
 
@@ -476,6 +495,7 @@ impl Session {
             keep_alive: a.keep_alive,
             will: a.will,
             key_fingerprint: a.key_fingerprint,
+            cert_serial: a.cert_serial,
             cert_not_after_ms: a.cert_not_after_ms,
             tel,
             conn,
@@ -585,6 +605,7 @@ impl Session {
                         self.tel.registry.clone(),
                         self.tel.clone(),
                         self.id.clone(),
+                        self.cert_serial.clone(),
                         self.key_fingerprint.clone(),
                     );
                     if let Some(why) = check.await {
@@ -888,11 +909,15 @@ async fn registry_says_close(
     store: Arc<dyn IngestRegistry>,
     tel: Arc<Ingest>,
     id: DeviceId,
+    serial_hex: String,
     key_fingerprint: String,
 ) -> Option<CloseReason> {
     match read_device(&store, &id).await {
         Ok(Some(r)) => match r.state {
-            DeviceState::Active if r.key_fingerprint == key_fingerprint => {
+            DeviceState::Active
+                if r.certificate_standing(&serial_hex, &key_fingerprint)
+                    != CertStanding::Superseded =>
+            {
                 tel.seen(&id, r.last_seen_ms);
                 None
             }
@@ -906,6 +931,22 @@ async fn registry_says_close(
             tracing::warn!(error = %e, "registry re-check failed");
             None
         }
+    }
+}
+
+/// Record the first use of device `id`'s current certificate (on the blocking pool).
+async fn mark_cert_used(
+    store: &Arc<dyn IngestRegistry>,
+    id: &DeviceId,
+    serial_hex: &str,
+) -> Result<bool, StoreError> {
+    let (store, id, serial) = (store.clone(), id.clone(), serial_hex.to_owned());
+    match tokio::task::spawn_blocking(move || store.mark_cert_used(&id, &serial)).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Db {
+            operation: "record a certificate's first use",
+            detail: format!("the task failed: {e}"),
+        }),
     }
 }
 

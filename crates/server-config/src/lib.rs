@@ -82,9 +82,47 @@ pub struct ServerConfig {
     /// Most TLS connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Renewal policy (`renewal.*` keys).
+    #[serde(default)]
+    pub renewal: RenewalSettings,
     /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
     #[serde(default)]
     pub mqtt: mqtt::MqttSettings,
+}
+
+/// The `[renewal]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RenewalSettings {
+    /// Whether a renewal may move a device onto another key than the one its certificate
+    /// certifies.
+    pub key_change: KeyChange,
+}
+
+/// `renewal.key_change`: may a renewal CSR carry a new key?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyChange {
+    /// Any new key the device proves it holds (the CSR) is accepted, and audited as a key
+    /// change.
+    #[default]
+    Allowed,
+    /// Only a new key certified by the device's registered attestation key (TPM attestation;
+    /// until a device has one, this refuses every key change).
+    Attested,
+    /// Never: a device keeps the key it enrolled with.
+    Refused,
+}
+
+impl KeyChange {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyChange::Allowed => "allowed",
+            KeyChange::Attested => "attested",
+            KeyChange::Refused => "refused",
+        }
+    }
 }
 
 fn default_https() -> SocketAddr {
@@ -144,6 +182,7 @@ impl ServerConfig {
             max_body_bytes: default_max_body(),
             request_timeout_secs: default_request_timeout(),
             max_connections: default_max_connections(),
+            renewal: RenewalSettings::default(),
             mqtt: Default::default(),
         }
     }
@@ -339,7 +378,13 @@ impl ServerConfig {
              request_timeout_secs = {timeout}\n\
              \n\
              # Most TLS connections served at once.\n\
-             max_connections = {conns}\n",
+             max_connections = {conns}\n\
+             \n\
+             # May a renewal move a device onto a new key? \"allowed\" (audited as a key change),\n\
+             # \"attested\" (only a new key certified by the device's TPM attestation key), or\n\
+             # \"refused\". A renewal always needs the device's current certificate (or, until\n\
+             # the new one is first used, its immediate predecessor).\n\
+             renewal.key_change = {key_change}\n",
             data_dir = q(&self.data_dir.display().to_string()),
             hostname = q(&self.hostname),
             https = q(&self.https_listen.to_string()),
@@ -352,6 +397,7 @@ impl ServerConfig {
             body = self.max_body_bytes,
             timeout = self.request_timeout_secs,
             conns = self.max_connections,
+            key_change = q(self.renewal.key_change.as_str()),
         ) + &self.mqtt.to_commented_toml()
     }
 }

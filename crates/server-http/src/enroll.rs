@@ -9,8 +9,9 @@ use axum::{Extension, Json};
 use devid_proto::{DeviceId, EnrollRequest, EnrollResponse, RenewRequest};
 
 use devid_ca::IssuedCert;
+use devid_server_config::KeyChange;
 use devid_stdx::now_ms;
-use devid_store::{token, AuditCtx, EnrollAttempt};
+use devid_store::{token, AuditCtx, EnrollAttempt, KeyChangePolicy, PresentedCert, RenewAttempt};
 
 use crate::error::{refusal_error, ApiError};
 use crate::request::{audit_refusal, blocking, check_csr, parse_body, parse_device_id, source_of};
@@ -89,6 +90,11 @@ pub(crate) async fn enroll(
     }
 }
 
+/// `POST /v1/renew`. The device is the one the client certificate names (the one identity
+/// rule); that certificate must be the device's current one, or its immediate predecessor
+/// until the current one is first used (the registry decides, [`devid_store::tx::renew`]),
+/// and unexpired now: a resumed TLS session skips the handshake's certificate checks, so the
+/// validity is checked here too.
 pub(crate) async fn renew(
     State(state): State<HttpState>,
     peer: Option<Extension<PeerInfo>>,
@@ -96,10 +102,11 @@ pub(crate) async fn renew(
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let source = source_of(&peer);
     let chain = peer.as_ref().and_then(|p| p.client_chain.clone());
-    let id = chain
+    let identity = chain
         .as_ref()
         .and_then(|c| c.first())
-        .and_then(|der| devid_tls::identity::device_of(der).ok());
+        .and_then(|der| devid_tls::identity::identity_of(der).ok());
+    let id = identity.as_ref().and_then(|i| i.device.clone().ok());
     let ctx = AuditCtx {
         actor: match &id {
             Some(id) => format!("device:{id}"),
@@ -109,27 +116,34 @@ pub(crate) async fn renew(
         now_ms: now_ms(),
     };
     let checked = (|| {
-        let id =
-            match (&chain, &id) {
-                (None, _) => return Err(ApiError::new(
+        let (id, identity) =
+            match (&chain, &id, &identity) {
+                (None, _, _) => return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "client_cert_required",
                     "renewal needs mutual TLS with the device certificate issued by this fleet CA",
                 )),
-                (Some(_), None) => {
+                (Some(_), Some(id), Some(identity)) => (id.clone(), identity.clone()),
+                (Some(_), _, _) => {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
                         "client_cert_not_device",
                         "the client certificate names no single urn:devid: identity",
                     ))
                 }
-                (Some(_), Some(id)) => id.clone(),
             };
+        if identity.not_after_ms <= ctx.now_ms {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "client_cert_expired",
+                "the client certificate has expired; the device must enrol again with a new token",
+            ));
+        }
         let req: RenewRequest = parse_body(body)?;
         let csr = check_csr(&req.csr)?;
-        Ok((id, csr))
+        Ok((id, identity, csr))
     })();
-    let (id, csr) = match checked {
+    let (id, identity, csr) = match checked {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(source = %ctx.source, code = e.code, "renewal refused");
@@ -146,8 +160,22 @@ pub(crate) async fn renew(
                 .issue_device(d, &csr.spki_der, lifetime, ctx.now_ms)
                 .map_err(Into::into)
         };
-        st.registry
-            .renew(&id, &csr.key_fingerprint, &ctx, &mut issue)
+        let presented = PresentedCert {
+            serial_hex: identity.serial_hex,
+            key_fingerprint: identity.key_fingerprint,
+        };
+        let attempt = RenewAttempt {
+            id: &id,
+            presented: &presented,
+            key_fingerprint: &csr.key_fingerprint,
+            key_change: match st.config.renewal.key_change {
+                KeyChange::Allowed => KeyChangePolicy::Allowed,
+                KeyChange::Attested => KeyChangePolicy::Attested,
+                KeyChange::Refused => KeyChangePolicy::Refused,
+            },
+            ctx: &ctx,
+        };
+        st.registry.renew(&attempt, &mut issue)
     })
     .await??;
     match outcome {

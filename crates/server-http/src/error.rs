@@ -57,9 +57,11 @@ pub(crate) fn refusal_error(r: Refusal) -> ApiError {
     let status = match r {
         Refusal::TokenUnknown | Refusal::TokenExpired => StatusCode::UNAUTHORIZED,
         Refusal::TokenUsed | Refusal::DeviceExists => StatusCode::CONFLICT,
-        Refusal::TokenBoundToOther | Refusal::DeviceRevoked | Refusal::DeviceSuspended => {
-            StatusCode::FORBIDDEN
-        }
+        Refusal::TokenBoundToOther
+        | Refusal::DeviceRevoked
+        | Refusal::DeviceSuspended
+        | Refusal::CertSuperseded
+        | Refusal::KeyChangeRefused => StatusCode::FORBIDDEN,
         Refusal::DeviceUnknown => StatusCode::NOT_FOUND,
     };
     ApiError::new(status, r.code(), r.message())

@@ -32,7 +32,8 @@ use r2d2_postgres::{r2d2, PostgresConnectionManager};
 use devid_stdx::rfc3339;
 use devid_store::{
     tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
-    NewAudit, NewToken, Outcome, Registry, RegistryTx, StateChangeSink, StoreError, TokenRow,
+    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, StateChangeSink, StoreError,
+    TokenRow,
 };
 
 /// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
@@ -136,6 +137,12 @@ CREATE INDEX IF NOT EXISTS messages_device ON messages (device_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
     ON messages (device_id, msg_id) WHERE msg_id IS NOT NULL;
 "#,
+    // 3: a renewed certificate's predecessor, kept until the new one is first used (a device
+    // whose renewal answer was lost retries with it; nothing older ever works).
+    r#"
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS prev_cert_serial TEXT;
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS prev_key_fingerprint TEXT;
+"#,
 ];
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -211,7 +218,8 @@ fn detail(e: &dyn std::error::Error, password: Option<&str>) -> String {
 }
 
 const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
-                              created_at, enrolled_at, last_seen";
+                              created_at, enrolled_at, last_seen, prev_cert_serial, \
+                              prev_key_fingerprint";
 
 fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
     let bad = |e: postgres::Error| StoreError::Corrupt {
@@ -236,6 +244,10 @@ fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
         created_at_ms: row.try_get(6).map_err(bad)?,
         enrolled_at_ms: row.try_get(7).map_err(bad)?,
         last_seen_ms: row.try_get(8).map_err(bad)?,
+        predecessor: row
+            .try_get::<_, Option<String>>(9)
+            .map_err(bad)?
+            .zip(row.try_get::<_, Option<String>>(10).map_err(bad)?),
     })
 }
 
@@ -436,14 +448,12 @@ impl Registry for PostgresStore {
 
     fn renew(
         &self,
-        id: &DeviceId,
-        key_fingerprint: &str,
-        ctx: &AuditCtx,
+        attempt: &RenewAttempt<'_>,
         issue: IssueFn<'_>,
     ) -> Outcome<(DeviceRecord, IssuedCert)> {
         let mut conn = self.conn()?;
         let open = PgTx::begin(self, &mut conn)?;
-        tx::renew(open, id, key_fingerprint, ctx, issue)
+        tx::renew(open, attempt, issue)
     }
 
     fn set_state(
@@ -573,7 +583,8 @@ impl RegistryTx for PgTx<'_, '_> {
                  ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
                  cert_not_after = excluded.cert_not_after, \
                  key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
-                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen \
+                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen, \
+                 prev_cert_serial = NULL, prev_key_fingerprint = NULL \
                  WHERE devices.state = 'active'",
                 &[
                     &id.as_str(),
@@ -592,18 +603,23 @@ impl RegistryTx for PgTx<'_, '_> {
         id: &DeviceId,
         cert: &IssuedCert,
         key_fingerprint: &str,
+        predecessor: Option<&(String, String)>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
+        let (prev_serial, prev_key) = (predecessor.map(|p| &p.0), predecessor.map(|p| &p.1));
         self.tx
             .execute(
                 "UPDATE devices SET cert_serial = $1, cert_not_after = $2, key_fingerprint = $3, \
-                 last_seen = $4 WHERE id = $5 AND state = 'active'",
+                 last_seen = $4, prev_cert_serial = $6, prev_key_fingerprint = $7 \
+                 WHERE id = $5 AND state = 'active'",
                 &[
                     &cert.serial_hex,
                     &cert.not_after_ms,
                     &key_fingerprint,
                     &now_ms,
                     &id.as_str(),
+                    &prev_serial,
+                    &prev_key,
                 ],
             )
             .map_err(self.store.db("record renewal"))
@@ -637,6 +653,18 @@ impl DeviceLookup for PostgresStore {
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let mut conn = self.conn()?;
         self.load_device(&mut *conn, id.as_str())
+    }
+
+    fn mark_cert_used(&self, id: &DeviceId, serial_hex: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE devices SET prev_cert_serial = NULL, prev_key_fingerprint = NULL \
+                 WHERE id = $1 AND cert_serial = $2 AND prev_cert_serial IS NOT NULL",
+                &[&id.as_str(), &serial_hex],
+            )
+            .map_err(self.db("record the certificate's first use"))?;
+        Ok(n == 1)
     }
 
     fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use devid_stdx::rfc3339;
 use devid_store::{
     tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
-    NewAudit, NewToken, Outcome, Registry, RegistryTx, StoreError, TokenRow,
+    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, StoreError, TokenRow,
 };
 
 /// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
@@ -83,7 +83,14 @@ fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 }
 
 const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
-                              created_at, enrolled_at, last_seen";
+                              created_at, enrolled_at, last_seen, prev_cert_serial, \
+                              prev_key_fingerprint";
+
+/// Schema version 2 (applied at open to every database of version 1, new ones included: the
+/// released [`SCHEMA`] is never edited): a renewed certificate's predecessor, kept until the
+/// new one is first used.
+const MIGRATE_2: &str = "ALTER TABLE devices ADD COLUMN prev_cert_serial TEXT; \
+                         ALTER TABLE devices ADD COLUMN prev_key_fingerprint TEXT;";
 
 fn device_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, DeviceRecordRest)> {
     Ok((
@@ -97,6 +104,8 @@ fn device_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Devi
             created_at_ms: row.get(6)?,
             enrolled_at_ms: row.get(7)?,
             last_seen_ms: row.get(8)?,
+            prev_serial: row.get(9)?,
+            prev_key: row.get(10)?,
         },
     ))
 }
@@ -109,6 +118,8 @@ struct DeviceRecordRest {
     created_at_ms: i64,
     enrolled_at_ms: i64,
     last_seen_ms: i64,
+    prev_serial: Option<String>,
+    prev_key: Option<String>,
 }
 
 fn to_record(
@@ -130,6 +141,7 @@ fn to_record(
         created_at_ms: r.created_at_ms,
         enrolled_at_ms: r.enrolled_at_ms,
         last_seen_ms: r.last_seen_ms,
+        predecessor: r.prev_serial.zip(r.prev_key),
     })
 }
 
@@ -201,6 +213,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .map_err(db("configure"))?;
         conn.execute_batch(SCHEMA).map_err(db("create schema"))?;
+        migrate(&conn)?;
         // last_seen gets a connection of its own: its batches wait for the database's write
         // lock (the message indexer shares the file) without holding the registry's
         // connection, which every CONNECT reads through. It is a convenience, not a record
@@ -229,6 +242,27 @@ impl SqliteStore {
             detail: "a previous database operation panicked; restart the server".into(),
         })
     }
+}
+
+/// Bring a database made by an older version up to the current schema (in one transaction).
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_prev: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'prev_cert_serial'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(db("read the schema"))?
+        > 0;
+    if !has_prev {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MIGRATE_2} \
+             UPDATE meta SET value = '2' WHERE key = 'schema_version'; COMMIT;"
+        ))
+        .map_err(db("migrate the schema to version 2"))?;
+        tracing::info!(schema_version = 2, "applied database migration");
+    }
+    Ok(())
 }
 
 impl Registry for SqliteStore {
@@ -272,14 +306,12 @@ impl Registry for SqliteStore {
 
     fn renew(
         &self,
-        id: &DeviceId,
-        key_fingerprint: &str,
-        ctx: &AuditCtx,
+        attempt: &RenewAttempt<'_>,
         issue: IssueFn<'_>,
     ) -> Outcome<(DeviceRecord, IssuedCert)> {
         let mut conn = self.conn()?;
         let open = SqliteTx::begin(&mut conn)?;
-        tx::renew(open, id, key_fingerprint, ctx, issue)
+        tx::renew(open, attempt, issue)
     }
 
     fn set_state(
@@ -398,7 +430,8 @@ impl RegistryTx for SqliteTx<'_> {
                  ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
                  cert_not_after = excluded.cert_not_after, \
                  key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
-                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen \
+                 enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen, \
+                 prev_cert_serial = NULL, prev_key_fingerprint = NULL \
                  WHERE devices.state = 'active'",
                 params![
                     id.as_str(),
@@ -418,19 +451,23 @@ impl RegistryTx for SqliteTx<'_> {
         id: &DeviceId,
         cert: &IssuedCert,
         key_fingerprint: &str,
+        predecessor: Option<&(String, String)>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         let n = self
             .0
             .execute(
                 "UPDATE devices SET cert_serial = ?1, cert_not_after = ?2, key_fingerprint = ?3, \
-                 last_seen = ?4 WHERE id = ?5 AND state = 'active'",
+                 last_seen = ?4, prev_cert_serial = ?6, prev_key_fingerprint = ?7 \
+                 WHERE id = ?5 AND state = 'active'",
                 params![
                     cert.serial_hex,
                     cert.not_after_ms,
                     key_fingerprint,
                     now_ms,
-                    id.as_str()
+                    id.as_str(),
+                    predecessor.map(|p| p.0.as_str()),
+                    predecessor.map(|p| p.1.as_str()),
                 ],
             )
             .map_err(db("record renewal"))?;
@@ -459,6 +496,20 @@ impl RegistryTx for SqliteTx<'_> {
 impl DeviceLookup for SqliteStore {
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         load_device(&*self.conn()?, id.as_str())
+    }
+
+    fn mark_cert_used(&self, id: &DeviceId, serial_hex: &str) -> Result<bool, StoreError> {
+        // on the registry's own connection (synchronous = FULL): forgetting the predecessor
+        // is what makes an older certificate useless, so it must survive a power cut
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE devices SET prev_cert_serial = NULL, prev_key_fingerprint = NULL \
+                 WHERE id = ?1 AND cert_serial = ?2 AND prev_cert_serial IS NOT NULL",
+                params![id.as_str(), serial_hex],
+            )
+            .map_err(db("record the certificate's first use"))?;
+        Ok(n == 1)
     }
 
     fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), StoreError> {

@@ -97,6 +97,12 @@ pub enum Refusal {
     DeviceSuspended,
     /// No such device.
     DeviceUnknown,
+    /// The presented certificate is neither the device's current one nor, before the current
+    /// one was first used, its immediate predecessor (superseded, or from before a
+    /// re-enrolment).
+    CertSuperseded,
+    /// The renewal asks for a new key and the policy (`renewal.key_change`) refuses it.
+    KeyChangeRefused,
 }
 
 impl Refusal {
@@ -111,6 +117,8 @@ impl Refusal {
             Refusal::DeviceRevoked => "device_revoked",
             Refusal::DeviceSuspended => "device_suspended",
             Refusal::DeviceUnknown => "device_unknown",
+            Refusal::CertSuperseded => "cert_superseded",
+            Refusal::KeyChangeRefused => "key_change_refused",
         }
     }
 
@@ -133,6 +141,14 @@ impl Refusal {
             Refusal::DeviceRevoked => "device is revoked; revocation is permanent",
             Refusal::DeviceSuspended => "device is suspended; ask the operator to resume it",
             Refusal::DeviceUnknown => "no such device in the registry",
+            Refusal::CertSuperseded => {
+                "this certificate was superseded (renewed or re-enrolled); renew with the \
+                 device's current certificate"
+            }
+            Refusal::KeyChangeRefused => {
+                "the renewal asks for a new key and the server's renewal.key_change policy \
+                 refuses it; renew with the certified key"
+            }
         }
     }
 }
@@ -203,6 +219,72 @@ pub struct DeviceRecord {
     pub enrolled_at_ms: i64,
     /// Last seen, ms.
     pub last_seen_ms: i64,
+    /// The certificate the current one replaced at renewal (serial, key fingerprint), kept
+    /// only until the current one is first used (an MQTT CONNECT or a renewal with it): a
+    /// device whose renewal answer was lost retries with it. `None` after first use and after
+    /// an enrolment.
+    pub predecessor: Option<(String, String)>,
+}
+
+/// Where a certificate stands with its device's registry row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertStanding {
+    /// The device's current certificate.
+    Current,
+    /// The immediate predecessor of the current one, which was never used yet: still good
+    /// (for the renewal retry after a lost answer, and for the session that was live when the
+    /// device renewed).
+    Predecessor,
+    /// Anything else: an older certificate, or one from before a re-enrolment. Refused.
+    Superseded,
+}
+
+impl DeviceRecord {
+    /// The one rule for which of a device's certificates still work, on HTTPS and MQTT alike.
+    pub fn certificate_standing(&self, serial_hex: &str, key_fingerprint: &str) -> CertStanding {
+        if self.cert_serial == serial_hex && self.key_fingerprint == key_fingerprint {
+            return CertStanding::Current;
+        }
+        match &self.predecessor {
+            Some((s, k)) if s == serial_hex && k == key_fingerprint => CertStanding::Predecessor,
+            _ => CertStanding::Superseded,
+        }
+    }
+}
+
+/// The client certificate a renewal was made with, as the TLS layer verified it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentedCert {
+    /// Serial number, lowercase hex.
+    pub serial_hex: String,
+    /// Hex SHA-256 of its SubjectPublicKeyInfo.
+    pub key_fingerprint: String,
+}
+
+/// Whether a renewal may change the device's key (`renewal.key_change`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChangePolicy {
+    /// Any key the CSR proves possession of.
+    Allowed,
+    /// Only a key certified by the device's attestation key (none is registered yet: refused).
+    Attested,
+    /// Never.
+    Refused,
+}
+
+/// A renewal to attempt.
+#[derive(Debug, Clone)]
+pub struct RenewAttempt<'a> {
+    /// The device the presented certificate names.
+    pub id: &'a DeviceId,
+    /// That certificate.
+    pub presented: &'a PresentedCert,
+    /// Hex SHA-256 of the CSR's key (the key to certify).
+    pub key_fingerprint: &'a str,
+    /// May the key change?
+    pub key_change: KeyChangePolicy,
+    /// Audit context.
+    pub ctx: &'a AuditCtx,
 }
 
 /// An enrolment to attempt.
@@ -236,6 +318,12 @@ pub trait DeviceLookup: Send + Sync + fmt::Debug {
     fn try_device_now(&self, _id: &DeviceId) -> Option<Result<Option<DeviceRecord>, StoreError>> {
         None
     }
+
+    /// The certificate `serial_hex` of device `id` was used (an MQTT CONNECT): if it is the
+    /// current one and a predecessor is still kept, forget the predecessor, so no older
+    /// certificate works any more. Returns whether anything changed. The one registry write
+    /// besides `last_seen` that the MQTT ingest makes.
+    fn mark_cert_used(&self, id: &DeviceId, serial_hex: &str) -> Result<bool, StoreError>;
 
     /// Move devices' `last_seen` forward to the given times (ms since the epoch; an older time
     /// than the stored one changes nothing), in one transaction. Unknown ids are skipped.
@@ -288,13 +376,13 @@ pub trait Registry: IngestRegistry {
         issue: IssueFn<'_>,
     ) -> Outcome<(DeviceRecord, IssuedCert)>;
 
-    /// Renew: the device must be active; `issue` runs inside the transaction that records the
-    /// new serial, key fingerprint and last-seen time ([`tx::renew`]).
+    /// Renew ([`tx::renew`]): the device must be active and the presented certificate its
+    /// current one, or the immediate predecessor while the current one was never used; a new
+    /// key only where the policy allows. `issue` runs inside the transaction that records the
+    /// new serial, key fingerprint, predecessor and last-seen time.
     fn renew(
         &self,
-        id: &DeviceId,
-        key_fingerprint: &str,
-        ctx: &AuditCtx,
+        attempt: &RenewAttempt<'_>,
         issue: IssueFn<'_>,
     ) -> Outcome<(DeviceRecord, IssuedCert)>;
 

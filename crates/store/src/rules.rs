@@ -7,7 +7,10 @@ use devid_proto::{DeviceId, DeviceState};
 
 use devid_stdx::rfc3339;
 
-use crate::{IssuedCert, NewToken, Refusal, StoreError};
+use crate::{
+    CertStanding, DeviceRecord, IssuedCert, KeyChangePolicy, NewToken, PresentedCert, Refusal,
+    StoreError,
+};
 
 /// An enrolment token's row, as read (and, where the backend needs it, locked).
 #[derive(Debug, Clone)]
@@ -100,6 +103,41 @@ pub(crate) fn renew_refusal(state: Option<DeviceState>) -> Option<Refusal> {
     }
 }
 
+/// Which certificate of the device a renewal presents, as far as the registry knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presented {
+    /// The current certificate (its first use, if a predecessor is still kept).
+    Current,
+    /// The immediate predecessor, while the current one was never used (a lost answer).
+    Predecessor,
+}
+
+/// Check the presented certificate against the device's row: only its current certificate,
+/// or its kept predecessor, may renew ([`DeviceRecord::certificate_standing`]).
+pub(crate) fn presented_cert(d: &DeviceRecord, p: &PresentedCert) -> Result<Presented, Refusal> {
+    match d.certificate_standing(&p.serial_hex, &p.key_fingerprint) {
+        CertStanding::Current => Ok(Presented::Current),
+        CertStanding::Predecessor => Ok(Presented::Predecessor),
+        CertStanding::Superseded => Err(Refusal::CertSuperseded),
+    }
+}
+
+/// Whether a renewal from a certificate for `presented_key` to a CSR for `new_key` may go
+/// ahead under `policy`. Attestation keys do not exist yet, so `Attested` refuses every change.
+pub(crate) fn key_change_refusal(
+    presented_key: &str,
+    new_key: &str,
+    policy: KeyChangePolicy,
+) -> Option<Refusal> {
+    if presented_key == new_key {
+        return None;
+    }
+    match policy {
+        KeyChangePolicy::Allowed => None,
+        KeyChangePolicy::Attested | KeyChangePolicy::Refused => Some(Refusal::KeyChangeRefused),
+    }
+}
+
 /// The audit action of a move to `target`.
 pub(crate) fn state_action(target: DeviceState) -> &'static str {
     match target {
@@ -146,8 +184,22 @@ pub(crate) fn enroll_detail(
 }
 
 /// Audit detail of a renewal.
-pub(crate) fn renew_detail(cert: &IssuedCert, key_fingerprint: &str) -> String {
-    format!("serial={} key={key_fingerprint}", cert.serial_hex)
+pub(crate) fn renew_detail(
+    cert: &IssuedCert,
+    key_fingerprint: &str,
+    key_changed: bool,
+    presented: Presented,
+) -> String {
+    format!(
+        "serial={} key={key_fingerprint}{}{}",
+        cert.serial_hex,
+        if key_changed { " key-change" } else { "" },
+        if presented == Presented::Predecessor {
+            " retry-with-predecessor"
+        } else {
+            ""
+        }
+    )
 }
 
 /// Audit detail of a state change.

@@ -16,7 +16,7 @@ use devid_proto::{DeviceId, DeviceState};
 use crate::rules::{self, TokenRow, TokenUse};
 use crate::{
     AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome,
-    Refusal, StoreError,
+    Refusal, RenewAttempt, StoreError,
 };
 
 /// One open transaction of a backend. Every method runs inside it.
@@ -45,8 +45,8 @@ pub trait RegistryTx: Sized {
     fn insert_token(&mut self, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
 
     /// Insert the device as active, or update an active one (re-enrolment) with the new
-    /// certificate, key and policy. Returns the rows written (1, or 0 if the row is no longer
-    /// active).
+    /// certificate, key and policy, keeping no predecessor (every older certificate is dead).
+    /// Returns the rows written (1, or 0 if the row is no longer active).
     fn write_enrolled(
         &mut self,
         id: &DeviceId,
@@ -56,12 +56,14 @@ pub trait RegistryTx: Sized {
         now_ms: i64,
     ) -> Result<u64, StoreError>;
 
-    /// Record a renewal of an active device. Returns the rows written (1, or 0).
+    /// Record a renewal of an active device: the new certificate and key, and the certificate
+    /// kept as its predecessor until first use. Returns the rows written (1, or 0).
     fn write_renewed(
         &mut self,
         id: &DeviceId,
         cert: &IssuedCert,
         key_fingerprint: &str,
+        predecessor: Option<&(String, String)>,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
 
@@ -163,28 +165,71 @@ pub fn enroll<X: RegistryTx>(
     Ok(Ok((record, cert)))
 }
 
-/// Renew (see [`crate::Registry::renew`]): only an active device.
+/// Renew (see [`crate::Registry::renew`]). Refusals in this order: the device's state, a
+/// certificate that is neither current nor the kept predecessor, a key change the policy
+/// refuses. Each refusal changes nothing but the audit log.
 pub fn renew<X: RegistryTx>(
     mut tx: X,
-    id: &DeviceId,
-    key_fingerprint: &str,
-    ctx: &AuditCtx,
+    a: &RenewAttempt<'_>,
     issue: IssueFn<'_>,
 ) -> Outcome<(DeviceRecord, IssuedCert)> {
+    let id = a.id;
     tx.lock_device(id)?;
-    let state = tx.device(id)?.map(|d| d.state);
-    if let Some(r) = rules::renew_refusal(state) {
-        return refuse(tx, ctx, "renew", Some(id.as_str()), r);
+    let device = tx.device(id)?;
+    if let Some(r) = rules::renew_refusal(device.as_ref().map(|d| d.state)) {
+        return refuse(tx, a.ctx, "renew", Some(id.as_str()), r);
     }
+    let Some(device) = device else {
+        return refuse(
+            tx,
+            a.ctx,
+            "renew",
+            Some(id.as_str()),
+            Refusal::DeviceUnknown,
+        );
+    };
+    let presented = match rules::presented_cert(&device, a.presented) {
+        Ok(p) => p,
+        Err(r) => return refuse(tx, a.ctx, "renew", Some(id.as_str()), r),
+    };
+    if let Some(r) = rules::key_change_refusal(
+        &a.presented.key_fingerprint,
+        a.key_fingerprint,
+        a.key_change,
+    ) {
+        return refuse(tx, a.ctx, "renew", Some(id.as_str()), r);
+    }
+    // The predecessor after this renewal: the presented certificate when it was the current
+    // one; the same predecessor when the device retries with it (the certificate issued in
+    // between was never used, and this one replaces it).
+    let predecessor = match presented {
+        rules::Presented::Current => (device.cert_serial.clone(), device.key_fingerprint.clone()),
+        rules::Presented::Predecessor => (
+            a.presented.serial_hex.clone(),
+            a.presented.key_fingerprint.clone(),
+        ),
+    };
     let cert = issue(id)?;
-    if tx.write_renewed(id, &cert, key_fingerprint, ctx.now_ms)? != 1 {
+    if tx.write_renewed(
+        id,
+        &cert,
+        a.key_fingerprint,
+        Some(&predecessor),
+        a.ctx.now_ms,
+    )? != 1
+    {
         return Err(changed_meanwhile("renewal"));
     }
-    let detail = rules::renew_detail(&cert, key_fingerprint);
+    let key_changed = a.presented.key_fingerprint != a.key_fingerprint;
+    let detail = rules::renew_detail(&cert, a.key_fingerprint, key_changed, presented);
     tx.insert_audit(&NewAudit {
-        ctx,
+        ctx: a.ctx,
         device_id: Some(id.as_str()),
-        action: "renew",
+        action: if key_changed {
+            "renew.key_change"
+        } else {
+            "renew"
+        },
         outcome: "ok",
         detail: &detail,
     })?;

@@ -8,7 +8,7 @@ mod store_scenarios;
 use std::sync::Arc;
 
 use devid_store::token;
-use devid_store::Registry;
+use devid_store::{DeviceLookup, Registry};
 use devid_store_sqlite::SqliteStore;
 
 fn open(dir: &tempfile::TempDir) -> Arc<dyn Registry> {
@@ -37,6 +37,48 @@ fn refusals_change_nothing_but_the_audit_log() {
 fn renewal_and_reenrolment() {
     let dir = tempfile::tempdir().unwrap();
     store_scenarios::renewal_and_reenrolment(&*open(&dir));
+}
+
+#[test]
+fn renewal_accepts_only_the_current_certificate_or_its_unused_predecessor() {
+    let dir = tempfile::tempdir().unwrap();
+    store_scenarios::renewal_accepts_only_the_current_certificate_or_its_unused_predecessor(
+        &*open(&dir),
+    );
+}
+
+#[test]
+fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch(devid_store_sqlite::SCHEMA).unwrap();
+        raw.execute(
+            "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
+             policy, created_at, enrolled_at, last_seen) \
+             VALUES ('old-1', 'active', 'abcd', 1, 'fp', 'default', 1, 1, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let id = devid_proto::DeviceId::parse("old-1").unwrap();
+    let rec = store.device(&id).unwrap().unwrap();
+    assert_eq!((rec.cert_serial.as_str(), rec.predecessor), ("abcd", None));
+    drop(store);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let v: String = raw
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(v, "2");
+    // and opening again changes nothing
+    drop(raw);
+    SqliteStore::open(&path).unwrap();
 }
 
 #[test]

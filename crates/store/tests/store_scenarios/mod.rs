@@ -10,7 +10,10 @@ use devid_ca::Ca;
 use devid_proto::{DeviceId, DeviceState};
 use devid_stdx::now_ms;
 use devid_store::token;
-use devid_store::{AuditCtx, EnrollAttempt, NewToken, Refusal, Registry};
+use devid_store::{
+    AuditCtx, DeviceRecord, EnrollAttempt, IssuedCert, KeyChangePolicy, NewToken, PresentedCert,
+    Refusal, Registry, RenewAttempt,
+};
 use rcgen::{KeyPair, PublicKeyData, PKCS_ECDSA_P256_SHA256};
 
 pub fn ctx() -> AuditCtx {
@@ -188,12 +191,15 @@ pub fn refusals_change_nothing_but_the_audit_log(store: &dyn Registry) {
     assert_eq!(last2[1].id, audit.last().unwrap().id);
 }
 
-/// Renewal of an active device records the new serial and key; a re-enrolment with a token
-/// bound to an active device replaces its key.
-pub fn renewal_and_reenrolment(store: &dyn Registry) {
-    let ca = Ca::generate("localhost", now_ms()).unwrap();
-    let id = enroll(store, &ca, &new_token(store, Some("ren-1"), 60_000), None).unwrap();
-    let before = store.device(&id).unwrap().unwrap();
+/// Renew `id` presenting the certificate (serial, key) for a CSR key `new_key`.
+pub fn renew(
+    store: &dyn Registry,
+    ca: &Ca,
+    id: &DeviceId,
+    presented: (&str, &str),
+    new_key: &str,
+    key_change: KeyChangePolicy,
+) -> Result<(DeviceRecord, IssuedCert), Refusal> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let spki = key.subject_public_key_info();
     let c = ctx();
@@ -201,19 +207,65 @@ pub fn renewal_and_reenrolment(store: &dyn Registry) {
         ca.issue_device(d, &spki, Duration::from_secs(7200), c.now_ms)
             .map_err(Into::into)
     };
-    let (rec, cert) = store.renew(&id, "fp-new", &c, &mut issue).unwrap().unwrap();
+    let presented = PresentedCert {
+        serial_hex: presented.0.to_owned(),
+        key_fingerprint: presented.1.to_owned(),
+    };
+    store
+        .renew(
+            &RenewAttempt {
+                id,
+                presented: &presented,
+                key_fingerprint: new_key,
+                key_change,
+                ctx: &c,
+            },
+            &mut issue,
+        )
+        .unwrap()
+}
+
+/// Renewal of an active device records the new serial and key; a re-enrolment with a token
+/// bound to an active device replaces its key.
+pub fn renewal_and_reenrolment(store: &dyn Registry) {
+    let ca = Ca::generate("localhost", now_ms()).unwrap();
+    let id = enroll(store, &ca, &new_token(store, Some("ren-1"), 60_000), None).unwrap();
+    let before = store.device(&id).unwrap().unwrap();
+    assert_eq!(before.predecessor, None);
+    let (rec, cert) = renew(
+        store,
+        &ca,
+        &id,
+        (&before.cert_serial, "fp"),
+        "fp-new",
+        KeyChangePolicy::Allowed,
+    )
+    .unwrap();
     assert_eq!(rec.cert_serial, cert.serial_hex);
     assert_ne!(rec.cert_serial, before.cert_serial);
     assert_eq!(rec.key_fingerprint, "fp-new");
     assert_eq!(rec.cert_not_after_ms, cert.not_after_ms);
-    assert_eq!(store.device(&id).unwrap().unwrap(), rec);
-    let unknown = DeviceId::parse("nobody").unwrap();
-    let mut issue = |d: &DeviceId| {
-        ca.issue_device(d, &spki, Duration::from_secs(60), c.now_ms)
-            .map_err(Into::into)
-    };
     assert_eq!(
-        store.renew(&unknown, "fp", &c, &mut issue).unwrap().err(),
+        rec.predecessor,
+        Some((before.cert_serial.clone(), "fp".into()))
+    );
+    assert_eq!(store.device(&id).unwrap().unwrap(), rec);
+    assert!(store
+        .audit_log(10, Some("ren-1"))
+        .unwrap()
+        .iter()
+        .any(|a| a.action == "renew.key_change" && a.detail.contains("key-change")));
+    let unknown = DeviceId::parse("nobody").unwrap();
+    assert_eq!(
+        renew(
+            store,
+            &ca,
+            &unknown,
+            ("00", "fp"),
+            "fp",
+            KeyChangePolicy::Allowed
+        )
+        .err(),
         Some(Refusal::DeviceUnknown)
     );
     // re-enrolment with a token bound to the active device
@@ -222,11 +274,92 @@ pub fn renewal_and_reenrolment(store: &dyn Registry) {
     let after = store.device(&id).unwrap().unwrap();
     assert_eq!(after.key_fingerprint, "fp");
     assert_eq!(after.created_at_ms, before.created_at_ms);
+    assert_eq!(
+        after.predecessor, None,
+        "a re-enrolment keeps no older certificate"
+    );
     assert!(store
         .audit_log(10, Some("ren-1"))
         .unwrap()
         .iter()
         .any(|a| a.action == "enroll" && a.detail.ends_with("re-enrolment")));
+}
+
+/// Review finding H1: a renewal needs the device's current certificate, or its immediate
+/// predecessor until the current one is first used; a superseded certificate, one from before
+/// a re-enrolment, and a key change the policy refuses are refused with the registry unchanged
+/// and the refusal audited.
+pub fn renewal_accepts_only_the_current_certificate_or_its_unused_predecessor(
+    store: &dyn Registry,
+) {
+    let ca = Ca::generate("localhost", now_ms()).unwrap();
+    let id = enroll(store, &ca, &new_token(store, Some("h1-1"), 60_000), None).unwrap();
+    let c0 = store.device(&id).unwrap().unwrap().cert_serial;
+    // r1 with the enrolment certificate (same key)
+    let (r1, _) = renew(store, &ca, &id, (&c0, "fp"), "fp", KeyChangePolicy::Refused).unwrap();
+    let c1 = r1.cert_serial.clone();
+    // the answer to r1 was lost: the device retries with c0 and gets a new certificate
+    let (r2, _) = renew(store, &ca, &id, (&c0, "fp"), "fp", KeyChangePolicy::Refused).unwrap();
+    let c2 = r2.cert_serial.clone();
+    assert_ne!(c2, c1);
+    assert_eq!(r2.predecessor, Some((c0.clone(), "fp".into())));
+    // c1 (issued, never used, replaced by c2) is dead
+    assert_eq!(
+        renew(store, &ca, &id, (&c1, "fp"), "fp", KeyChangePolicy::Allowed).err(),
+        Some(Refusal::CertSuperseded)
+    );
+    // first use of c2 (an MQTT CONNECT): c0 is dead from now on
+    assert!(store.mark_cert_used(&id, &c2).unwrap());
+    assert!(
+        !store.mark_cert_used(&id, &c2).unwrap(),
+        "marking twice changes nothing"
+    );
+    let before = store.device(&id).unwrap().unwrap();
+    assert_eq!(before.predecessor, None);
+    assert_eq!(
+        renew(store, &ca, &id, (&c0, "fp"), "fp", KeyChangePolicy::Allowed).err(),
+        Some(Refusal::CertSuperseded)
+    );
+    // a key change where the policy refuses it (and "attested": no attestation key yet)
+    for policy in [KeyChangePolicy::Refused, KeyChangePolicy::Attested] {
+        assert_eq!(
+            renew(store, &ca, &id, (&c2, "fp"), "fp-soft", policy).err(),
+            Some(Refusal::KeyChangeRefused)
+        );
+    }
+    assert_eq!(
+        store.device(&id).unwrap().unwrap(),
+        before,
+        "refusals change nothing"
+    );
+    // renewal with c2 itself works, and is also a first use
+    let (r3, _) = renew(store, &ca, &id, (&c2, "fp"), "fp", KeyChangePolicy::Refused).unwrap();
+    // re-enrolment (a replacement device): the stolen unit's certificates are all dead
+    enroll(store, &ca, &new_token(store, Some("h1-1"), 60_000), None).unwrap();
+    for old in [&c2, &r3.cert_serial] {
+        assert_eq!(
+            renew(store, &ca, &id, (old, "fp"), "fp", KeyChangePolicy::Allowed).err(),
+            Some(Refusal::CertSuperseded)
+        );
+    }
+    let refused: Vec<_> = store
+        .audit_log(100, Some("h1-1"))
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "renew" && a.outcome == "refused")
+        .map(|a| a.detail)
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            "cert_superseded",
+            "cert_superseded",
+            "key_change_refused",
+            "key_change_refused",
+            "cert_superseded",
+            "cert_superseded"
+        ]
+    );
 }
 
 /// Suspend, resume, revoke; revocation is permanent through the API. Returns the token that
