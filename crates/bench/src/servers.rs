@@ -64,8 +64,8 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
-/// The `devid-server.toml` settings the benchmark changes, as (key, value) pairs; `mqtt.` keys
-/// go into the `mqtt` table. The per-device and per-source limits protect a production fleet
+/// The `devid-server.toml` settings the benchmark changes, as (key, value) pairs; `mqtt.` and
+/// `https.` keys go into their tables. The per-device and per-source limits protect a production fleet
 /// from one misbehaving device; the benchmark's devices are deliberately greedy and all come
 /// from a handful of loopback addresses, so those limits are lifted. Nothing that makes
 /// devid do less work per message (durable commit, registry check, authorisation, audit) is
@@ -84,6 +84,11 @@ pub fn devid_bench_settings(max_connections: usize) -> Vec<(&'static str, toml::
         ("mqtt.messages_burst", Float(big)),
         ("mqtt.bytes_per_sec", Float(big)),
         ("mqtt.bytes_burst", Float(big)),
+        // the fleet enrols (and the admin client authenticates) from one address
+        ("https.enroll_per_source_per_sec", Float(big)),
+        ("https.enroll_burst_per_source", Float(big)),
+        ("https.renew_per_source_per_sec", Float(big)),
+        ("https.renew_burst_per_source", Float(big)),
     ]
 }
 

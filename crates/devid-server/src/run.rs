@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub struct Prepared {
     pub https_tls: Arc<rustls::ServerConfig>,
     /// MQTT TLS config.
     pub mqtt_tls: Arc<rustls::ServerConfig>,
+    /// Whether the MQTT listener is serving (for `GET /readyz`).
+    pub mqtt_up: Arc<AtomicBool>,
 }
 
 /// Load the CA a config names: `ca.pem` of the data dir, the key from its file or PKCS#11
@@ -61,6 +64,8 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         stream.clone(),
     )?;
     let metrics = ingest.metrics.clone();
+    let mqtt_up = Arc::new(AtomicBool::new(false));
+    let cfg_https = cfg.https.clone();
     let http = HttpState {
         registry: backend.registry,
         ca,
@@ -69,12 +74,24 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         messages: backend.messages,
         stream,
         metrics: Arc::new(move || metrics.encode()),
+        limits: Arc::new(devid_server_http::HttpLimits::new(&cfg_https)),
+        readiness: {
+            let up = mqtt_up.clone();
+            Arc::new(move || {
+                if up.load(Ordering::Acquire) {
+                    Ok(())
+                } else {
+                    Err("mqtt_listener".to_owned())
+                }
+            })
+        },
     };
     Ok(Prepared {
         http,
         ingest,
         https_tls,
         mqtt_tls,
+        mqtt_up,
     })
 }
 
@@ -109,14 +126,15 @@ pub async fn serve_until(
     }
     tracing::info!(%addr, ca_pin = %p.http.ca.pin(), "devid-server listening (HTTPS)");
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let ingest = tokio::spawn(devid_ingest::serve(
-        mqtt,
-        p.mqtt_tls,
-        p.ingest,
-        async move {
+    let up = p.mqtt_up.clone();
+    up.store(true, Ordering::Release);
+    let ingest = tokio::spawn(async move {
+        devid_ingest::serve(mqtt, p.mqtt_tls, p.ingest, async move {
             let _ = stopped.changed().await;
-        },
-    ));
+        })
+        .await;
+        up.store(false, Ordering::Release);
+    });
     devid_server_http::listener::serve(listener, p.https_tls, p.http, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), ingest).await;

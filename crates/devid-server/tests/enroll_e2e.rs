@@ -512,3 +512,98 @@ fn no_token_key_or_csr_in_logs_or_audit() {
         assert_eq!(mode, 0o600, "{f}");
     }
 }
+
+/// Review finding M2, through the real binary with its default limits: 300 enrolment requests
+/// from one loopback address (127.0.0.2, as an attacker on another host would be) are
+/// throttled with 429 and Retry-After after the burst, audited in aggregate, and a device
+/// enrolling from 127.0.0.1 meanwhile is served.
+#[test]
+fn an_enrolment_flood_from_one_address_is_throttled() {
+    let s = Server::start();
+    let body = s.tmp.path().join("flood.json");
+    std::fs::write(
+        &body,
+        serde_json::json!({"token": "0".repeat(64), "csr": "x"}).to_string(),
+    )
+    .unwrap();
+    let url = format!("{}/v1/enroll", s.url);
+    let data = format!("@{}", body.display());
+    let ca = s.ca_pem_path();
+    let mut args: Vec<&str> = vec![
+        "-sS",
+        "--interface",
+        "127.0.0.2",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        &data,
+        "-w",
+        "\n%{http_code} %header{retry-after}\n",
+    ];
+    for _ in 0..300 {
+        args.push(&url);
+    }
+    let out = tool("curl", &args, s.tmp.path());
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let codes: Vec<(u16, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let (code, rest) = l.split_once(' ')?;
+            Some((code.parse().ok()?, rest.to_owned()))
+        })
+        .collect();
+    assert_eq!(codes.len(), 300, "{text}");
+    let limited: Vec<_> = codes.iter().filter(|(c, _)| *c == 429).collect();
+    assert!(
+        limited.len() >= 150,
+        "only {} of 300 requests from one address were throttled",
+        limited.len()
+    );
+    assert!(limited
+        .iter()
+        .all(|(_, retry)| retry.parse::<u64>().is_ok_and(|s| s >= 1)));
+    assert!(codes.iter().all(|(c, _)| *c == 429 || *c == 400));
+    // the load balancer's health check is not rate-limited and sees both listeners up
+    let ready = tool(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("{}/readyz", s.url),
+        ],
+        s.tmp.path(),
+    );
+    assert!(
+        String::from_utf8_lossy(&ready.stdout).contains("\"ready\""),
+        "{}",
+        String::from_utf8_lossy(&ready.stdout)
+    );
+    // a device enrolling from another address is not affected
+    let token = s.token(&["--device-id", "calm-1"]);
+    let ks = soft_key(&s.tmp.path().join("calm"));
+    let csr = build_csr_with_keystore(&*ks, None).unwrap();
+    enroll(&s.url, &token, &s.pin, &csr, None).unwrap();
+    // the flood left a handful of audit rows, not hundreds
+    let rows: Vec<_> = s
+        .audit()
+        .into_iter()
+        .filter(|a| a.action == "enroll" && a.outcome == "refused")
+        .collect();
+    assert!(
+        rows.iter().any(|a| a.detail.starts_with("rate_limited")),
+        "{rows:#?}"
+    );
+    assert!(
+        rows.len() <= 4,
+        "{} audit rows for one flood: {rows:#?}",
+        rows.len()
+    );
+}

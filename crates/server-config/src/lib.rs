@@ -9,9 +9,11 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod https;
 pub mod mqtt;
 
 pub use error::ConfigError;
+pub use https::HttpsSettings;
 pub use mqtt::MqttSettings;
 
 use std::net::SocketAddr;
@@ -85,6 +87,9 @@ pub struct ServerConfig {
     /// Renewal policy (`renewal.*` keys).
     #[serde(default)]
     pub renewal: RenewalSettings,
+    /// HTTPS API limits and timeouts (`https.*` keys; every one has a default).
+    #[serde(default)]
+    pub https: https::HttpsSettings,
     /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
     #[serde(default)]
     pub mqtt: mqtt::MqttSettings,
@@ -183,6 +188,7 @@ impl ServerConfig {
             request_timeout_secs: default_request_timeout(),
             max_connections: default_max_connections(),
             renewal: RenewalSettings::default(),
+            https: Default::default(),
             mqtt: Default::default(),
         }
     }
@@ -248,6 +254,7 @@ impl ServerConfig {
         }
         self.db_location()?;
         self.mqtt.validate()?;
+        self.https.validate()?;
         self.ca_key_ref()?;
         Ok(())
     }
@@ -398,7 +405,8 @@ impl ServerConfig {
             timeout = self.request_timeout_secs,
             conns = self.max_connections,
             key_change = q(self.renewal.key_change.as_str()),
-        ) + &self.mqtt.to_commented_toml()
+        ) + &self.https.to_commented_toml()
+            + &self.mqtt.to_commented_toml()
     }
 }
 

@@ -22,12 +22,23 @@ impl FromRequestParts<HttpState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, ApiError> {
-        let source = parts
-            .extensions
-            .get::<PeerInfo>()
-            .and_then(|p| p.addr)
+        let addr = parts.extensions.get::<PeerInfo>().and_then(|p| p.addr);
+        let ip = addr
+            .map(|a| a.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let source = addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
+        // a source that failed too often is turned away before its token is even looked up
+        if let Err(wait) = state.limits.admin_failures.would_allow(&ip) {
+            let ctx = AuditCtx {
+                actor: "anonymous".into(),
+                source,
+                now_ms: now_ms(),
+            };
+            audit_refusal(state, ctx, "admin.auth", None, "rate_limited").await?;
+            return Err(ApiError::rate_limited("failed admin authentication", wait));
+        }
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -51,6 +62,8 @@ impl FromRequestParts<HttpState> for Admin {
         if valid {
             return Ok(Admin { ctx });
         }
+        // a failure costs the source a token; past the burst it gets 429 (above)
+        let _ = state.limits.admin_failures.check(&ip);
         let mut refused_ctx = ctx;
         refused_ctx.actor = "anonymous".into();
         tracing::warn!(source = %refused_ctx.source, "admin request without a valid token");

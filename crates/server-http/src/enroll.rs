@@ -14,7 +14,9 @@ use devid_stdx::now_ms;
 use devid_store::{token, AuditCtx, EnrollAttempt, KeyChangePolicy, PresentedCert, RenewAttempt};
 
 use crate::error::{refusal_error, ApiError};
-use crate::request::{audit_refusal, blocking, check_csr, parse_body, parse_device_id, source_of};
+use crate::request::{
+    audit_refusal, blocking, check_csr, ip_of, parse_body, parse_device_id, source_of,
+};
 use crate::state::{HttpState, PeerInfo};
 
 pub(crate) fn response(state: &HttpState, id: &DeviceId, cert: &IssuedCert) -> EnrollResponse {
@@ -36,6 +38,11 @@ pub(crate) async fn enroll(
         source: source_of(&peer),
         now_ms: now_ms(),
     };
+    // before anything else, so a flood from one address costs no parsing and no database work
+    if let Err(wait) = state.limits.enroll.check(&ip_of(&peer)) {
+        audit_refusal(&state, ctx, "enroll", None, "rate_limited").await?;
+        return Err(ApiError::rate_limited("enrolment", wait));
+    }
     let checked = (|| {
         let req: EnrollRequest = parse_body(body)?;
         let requested = req.device_id.as_deref().map(parse_device_id).transpose()?;
@@ -101,6 +108,15 @@ pub(crate) async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let source = source_of(&peer);
+    if let Err(wait) = state.limits.renew.check(&ip_of(&peer)) {
+        let ctx = AuditCtx {
+            actor: "anonymous".into(),
+            source,
+            now_ms: now_ms(),
+        };
+        audit_refusal(&state, ctx, "renew", None, "rate_limited").await?;
+        return Err(ApiError::rate_limited("renewal", wait));
+    }
     let chain = peer.as_ref().and_then(|p| p.client_chain.clone());
     let identity = chain
         .as_ref()

@@ -17,6 +17,7 @@ mod admin;
 mod auth;
 mod enroll;
 mod error;
+pub mod limits;
 pub mod listener;
 pub mod messages;
 mod request;
@@ -25,5 +26,6 @@ mod state;
 
 pub use auth::Admin;
 pub use error::ApiError;
+pub use limits::HttpLimits;
 pub use router::{app, routes};
-pub use state::{device_info, HttpState, MetricsText, PeerInfo};
+pub use state::{device_info, HttpState, MetricsText, PeerInfo, Readiness};

@@ -14,6 +14,14 @@ use devid_store::{AuditCtx, NewAudit};
 use crate::error::ApiError;
 use crate::state::{HttpState, PeerInfo};
 
+/// The peer's IP address (unspecified when the listener told none, as in-process tests may).
+pub(crate) fn ip_of(peer: &Option<Extension<PeerInfo>>) -> std::net::IpAddr {
+    peer.as_ref()
+        .and_then(|p| p.addr)
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
 pub(crate) fn source_of(peer: &Option<Extension<PeerInfo>>) -> String {
     peer.as_ref()
         .and_then(|p| p.addr)
@@ -30,7 +38,10 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal("blocking task", &e))
 }
 
-/// Write a refusal audit row for failures found before the store is involved.
+/// Write a refusal audit row for failures found before the store is involved, at most one
+/// per source address, action and code per `https.audit_interval_secs` (the row written says
+/// how many were left out before it): a flood of bad requests cannot fill the disk or hold
+/// the registry's write lock.
 pub(crate) async fn audit_refusal(
     state: &HttpState,
     ctx: AuditCtx,
@@ -38,6 +49,20 @@ pub(crate) async fn audit_refusal(
     device: Option<String>,
     code: &'static str,
 ) -> Result<(), ApiError> {
+    let ip = ctx
+        .source
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| ctx.source.clone());
+    let key = format!("src:{ip}:{action}:{code}");
+    let Some(suppressed) = state.limits.audit.allow(&key) else {
+        return Ok(());
+    };
+    let detail = if suppressed > 0 {
+        format!("{code} (+{suppressed} similar suppressed)")
+    } else {
+        code.to_owned()
+    };
     let store = state.registry.clone();
     blocking(move || {
         store.append_audit(&NewAudit {
@@ -45,7 +70,7 @@ pub(crate) async fn audit_refusal(
             device_id: device.as_deref(),
             action,
             outcome: "refused",
-            detail: code,
+            detail: &detail,
         })
     })
     .await??;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
@@ -60,6 +60,7 @@ pub(crate) fn build() -> (Router<HttpState>, Vec<(&'static str, &'static str)>) 
         list: Vec::new(),
     }
     .add("GET", "/v1/health", get(health))
+    .add("GET", "/readyz", get(readyz))
     .add("POST", "/v1/enroll", post(enroll))
     .add("POST", "/v1/renew", post(renew))
     .add("POST", "/v1/admin/tokens", post(create_token))
@@ -89,6 +90,47 @@ pub(crate) fn build() -> (Router<HttpState>, Vec<(&'static str, &'static str)>) 
     });
     (router, b.list)
 }
+
+/// `GET /readyz`: the database answers (a registry read on the blocking pool, bounded by
+/// [`READY_TIMEOUT`]) and the other listeners the root reports are up.
+pub(crate) async fn readyz(State(state): State<HttpState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let not_ready = |check: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "check": check})),
+        )
+            .into_response()
+    };
+    if let Err(check) = (state.readiness)() {
+        return not_ready(&check);
+    }
+    let registry = state.registry.clone();
+    let probe = tokio::time::timeout(
+        READY_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            let id = devid_proto::DeviceId::parse("readyz-probe").map_err(|e| {
+                devid_store::StoreError::Corrupt {
+                    what: "probe id",
+                    detail: e.to_string(),
+                }
+            })?;
+            registry.device(&id).map(|_| ())
+        }),
+    )
+    .await;
+    match probe {
+        Ok(Ok(Ok(()))) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "readiness: the database did not answer");
+            not_ready("database")
+        }
+        Ok(Err(_)) | Err(_) => not_ready("database"),
+    }
+}
+
+/// Longest wait for the database in a readiness check.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))

@@ -35,7 +35,15 @@ pub struct HttpState {
     pub stream: broadcast::Sender<Arc<LiveMessage>>,
     /// `GET /metrics`.
     pub metrics: MetricsText,
+    /// Per-source limits and the refusal audit's aggregation.
+    pub limits: Arc<crate::limits::HttpLimits>,
+    /// What the root knows about readiness besides the database (`GET /readyz`): `Err(check)`
+    /// names what is down (e.g. `mqtt_listener`).
+    pub readiness: Readiness,
 }
+
+/// See [`HttpState::readiness`].
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for HttpState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

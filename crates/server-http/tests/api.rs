@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use devid_ca::Ca;
 use devid_proto::{DeviceId, DeviceState, EnrollResponse, ErrorBody, TokenCreateResponse};
 use devid_server_config::ServerConfig;
-use devid_server_http::{app, routes, HttpState};
+use devid_server_http::{app, routes, HttpState, PeerInfo};
 use devid_store::{AuditLog, DeviceLookup, Registry, StateChangeSink};
 use devid_store_sqlite::{SqliteMessageStore, SqliteStore};
 use tower::ServiceExt;
@@ -36,6 +36,10 @@ struct Api {
 
 impl Api {
     fn new() -> Api {
+        Api::with_https(devid_server_config::HttpsSettings::default())
+    }
+
+    fn with_https(https: devid_server_config::HttpsSettings) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("devid-server.db");
         let registry = Arc::new(SqliteStore::open(&db).unwrap());
@@ -56,6 +60,8 @@ impl Api {
             messages: Arc::new(SqliteMessageStore::open(&db).unwrap()),
             stream,
             metrics: Arc::new(|| "# EOF\n".to_owned()),
+            limits: Arc::new(devid_server_http::HttpLimits::new(&https)),
+            readiness: Arc::new(|| Ok(())),
         };
         Api {
             _dir: dir,
@@ -73,6 +79,19 @@ impl Api {
         bearer: Option<&str>,
         body: &str,
     ) -> (StatusCode, Vec<u8>) {
+        let (status, _, body) = self.call_from(None, method, uri, bearer, body).await;
+        (status, body)
+    }
+
+    /// A request as the TLS listener hands it over from `source` (an address on 127.0.0.0/8).
+    async fn call_from(
+        &self,
+        source: Option<&str>,
+        method: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Option<String>, Vec<u8>) {
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -80,15 +99,23 @@ impl Api {
         if let Some(b) = bearer {
             req = req.header("authorization", format!("Bearer {b}"));
         }
-        let resp = app(self.state.clone())
-            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
-            .await
-            .unwrap();
+        let mut req = req.body(Body::from(body.to_owned())).unwrap();
+        if let Some(src) = source {
+            req.extensions_mut().insert(PeerInfo {
+                addr: Some(format!("{src}:40000").parse().unwrap()),
+                client_chain: None,
+            });
+        }
+        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
-        (status, bytes.to_vec())
+        (status, retry_after, bytes.to_vec())
     }
 
     async fn token(&self, device: &str) -> String {
@@ -193,12 +220,14 @@ async fn admin_routes_refuse_a_missing_or_wrong_token_and_audit_it() {
         .call("POST", "/v1/admin/tokens", Some(&wrong), "{}")
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // refusals decided before the registry are audited in aggregate: one row per source and
+    // reason per https.audit_interval_secs
     let refusals: Vec<_> = api
         .audit_actions()
         .into_iter()
         .filter(|(a, o, _)| a == "admin.auth" && o == "refused")
         .collect();
-    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
     // no token was created by the refused request
     assert!(api
         .audit_actions()
@@ -295,4 +324,121 @@ fn rustls_pemfile_first(chain_pem: &str) -> Vec<u8> {
         .unwrap()
         .unwrap()
         .to_vec()
+}
+
+fn small_limits() -> devid_server_config::HttpsSettings {
+    devid_server_config::HttpsSettings {
+        enroll_per_source_per_sec: 0.01,
+        enroll_burst_per_source: 3.0,
+        admin_auth_failures_per_source_per_sec: 0.01,
+        admin_auth_failure_burst_per_source: 2.0,
+        ..Default::default()
+    }
+}
+
+/// Review finding M2: an enrolment flood from one address is throttled with 429 and
+/// Retry-After before any parsing or database work, audited in one row, and a device enrolling
+/// from another address is not affected.
+#[tokio::test]
+async fn an_enrolment_flood_from_one_address_is_throttled_and_others_still_enrol() {
+    let api = Api::with_https(small_limits());
+    let junk = serde_json::json!({"token": "0".repeat(64), "csr": "x"}).to_string();
+    let mut limited = 0;
+    for _ in 0..200 {
+        let (status, retry, body) = api
+            .call_from(Some("127.0.0.9"), "POST", "/v1/enroll", None, &junk)
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            limited += 1;
+            assert_eq!(error_code(&body), "rate_limited");
+            let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+            assert!(secs >= 1, "{secs}");
+        } else {
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    assert_eq!(limited, 197, "the burst of 3 passes, the rest is throttled");
+    // a legitimate device on another address enrols meanwhile
+    let token = api.token("pump-9").await;
+    let body = serde_json::json!({"token": token, "csr": csr()}).to_string();
+    let (status, _, _) = api
+        .call_from(Some("127.0.0.10"), "POST", "/v1/enroll", None, &body)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // one audit row for the whole flood's throttling, one for its malformed requests
+    let rows = api.audit_actions();
+    let throttled: Vec<_> = rows
+        .iter()
+        .filter(|(a, o, d)| a == "enroll" && o == "refused" && d.starts_with("rate_limited"))
+        .collect();
+    assert_eq!(throttled.len(), 1, "{rows:?}");
+    let malformed = rows
+        .iter()
+        .filter(|(a, o, d)| a == "enroll" && o == "refused" && d.starts_with("csr_malformed"))
+        .count();
+    assert_eq!(malformed, 1, "{rows:?}");
+    assert_eq!(
+        api.registry.devices().unwrap().len(),
+        1,
+        "only pump-9 enrolled"
+    );
+}
+
+/// Failed admin authentications from one address are throttled (429 before the token is
+/// looked up, even a valid one from that address); another address is not affected.
+#[tokio::test]
+async fn failed_admin_authentication_is_throttled_per_address() {
+    let api = Api::with_https(small_limits());
+    let wrong = devid_store::token::generate().to_string();
+    for _ in 0..2 {
+        let (status, _, _) = api
+            .call_from(
+                Some("127.0.0.20"),
+                "GET",
+                "/v1/admin/devices",
+                Some(&wrong),
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, retry, body) = api
+        .call_from(
+            Some("127.0.0.20"),
+            "GET",
+            "/v1/admin/devices",
+            Some(&api.admin),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(error_code(&body), "rate_limited");
+    assert!(retry.is_some());
+    let (status, _, _) = api
+        .call_from(
+            Some("127.0.0.21"),
+            "GET",
+            "/v1/admin/devices",
+            Some(&api.admin),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn readiness_reports_the_database_and_the_other_listeners() {
+    let mut api = Api::new();
+    let (status, body) = api.call("GET", "/readyz", None, "").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    api.state.readiness = Arc::new(|| Err("mqtt_listener".to_owned()));
+    let (status, body) = api.call("GET", "/readyz", None, "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["check"], "mqtt_listener");
 }

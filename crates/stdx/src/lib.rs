@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fs;
+pub mod limit;
 pub mod time;
 
 pub use time::{now_ms, rfc3339};
