@@ -1,13 +1,17 @@
 //! The HTTPS listener: the TLS config the composition root built (client certificates
 //! OPTIONAL, verified against the fleet CA when presented, so enrolment works without one and
 //! renewal gets one), handshake and header timeouts, a connection cap, and the peer's address
-//! and certificate chain handed to the router as [`PeerInfo`].
+//! and certificate chain handed to the router as [`PeerInfo`]. A connection with no request in
+//! flight for `https.idle_timeout_secs` is closed (HTTP/1 and HTTP/2 alike: a response body
+//! still streaming, such as the SSE stream, counts as in flight), and HTTP/2 peers are PINGed
+//! every `https.h2_keepalive_secs`, so idle or dead connections cannot hold the connection cap.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,6 +34,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let max = state.config.max_connections.max(1);
+    let timeouts = Timeouts {
+        idle: Duration::from_secs(state.config.https.idle_timeout_secs.max(1)),
+        h2_keepalive: Duration::from_secs(state.config.https.h2_keepalive_secs.max(1)),
+    };
     let router = app(state);
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(max));
@@ -57,10 +65,87 @@ pub async fn serve(
         let router = router.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            handle(tcp, addr, acceptor, router).await;
+            handle(tcp, addr, acceptor, router, timeouts).await;
         });
     }
     tracing::info!("HTTPS listener stopped");
+}
+
+/// How long an idle connection that was told to close may take to do so.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Per-connection timers.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// No request in flight and none started for this long: close (HTTP/1 and HTTP/2).
+    idle: Duration,
+    /// HTTP/2 PING interval (and how long an answer may take).
+    h2_keepalive: Duration,
+}
+
+/// What a connection is doing: requests in flight (until their response body is finished or
+/// dropped, so a live SSE stream counts) and when the last one started or ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            since: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        *devid_stdx::lock(&self.since) = Instant::now();
+        InFlight(self.clone())
+    }
+
+    /// Idle for at least `d`: nothing in flight, nothing started or ended within `d`.
+    fn idle_for(&self, d: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && devid_stdx::lock(&self.since).elapsed() >= d
+    }
+}
+
+/// One request in flight; ends when dropped (with its response body).
+#[derive(Debug)]
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *devid_stdx::lock(&self.0.since) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it is finished or dropped.
+struct Tracked {
+    inner: axum::body::Body,
+    _flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn handle(
@@ -68,6 +153,7 @@ async fn handle(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     router: Router,
+    timeouts: Timeouts,
 ) {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -89,19 +175,59 @@ async fn handle(
             .peer_certificates()
             .map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect())),
     };
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let mut req = req.map(axum::body::Body::new);
-        req.extensions_mut().insert(peer.clone());
-        let router = router.clone();
-        async move { Ok::<_, Infallible>(router.oneshot(req).await.into_response_infallible()) }
-    });
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let flight = activity.start();
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(peer.clone());
+            let router = router.clone();
+            async move {
+                let resp = router.oneshot(req).await.into_response_infallible();
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    _flight: flight,
+                }))
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
-        tracing::debug!(%addr, error = %e, "connection ended with an error");
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(timeouts.h2_keepalive))
+        .keep_alive_timeout(timeouts.h2_keepalive);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    // Idle connections give their slot back: checked a few times per idle period.
+    let mut tick = tokio::time::interval((timeouts.idle / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => match closing {
+                None if activity.idle_for(timeouts.idle) => {
+                    tracing::debug!(%addr, "closing an idle HTTPS connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+                // GOAWAY sent; a peer that does not take part in the close (no PING answer,
+                // no FIN) loses the connection anyway
+                Some(since) if since.elapsed() >= CLOSE_GRACE => return,
+                _ => {}
+            }
+        }
     }
 }
 
