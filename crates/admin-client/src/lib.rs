@@ -11,7 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devid_proto::{AuditEntry, DeviceInfo, ErrorBody, TokenCreateRequest, TokenCreateResponse};
+use devid_proto::{
+    AuditEntry, CredentialCreateRequest, CredentialCreateResponse, CredentialInfo, DeviceInfo,
+    ErrorBody, TokenCreateRequest, TokenCreateResponse,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
@@ -110,13 +113,25 @@ impl AdminClient {
     /// A client for the server whose data dir is `dir` (config, `ca.pem`, `admin.token`),
     /// at `server_url` or the config's local HTTPS URL.
     pub fn from_data_dir(dir: &Path, server_url: Option<&str>) -> Result<Self, AdminError> {
+        Self::from_data_dir_with(dir, server_url, None)
+    }
+
+    /// [`AdminClient::from_data_dir`], authenticating with the named credential whose token is
+    /// in `token_file` instead of `DATA_DIR/admin.token`.
+    pub fn from_data_dir_with(
+        dir: &Path,
+        server_url: Option<&str>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, AdminError> {
         let cfg = ServerConfig::load_from_data_dir(dir)?;
         let ca_path = dir.join(CA_CERT_FILE);
         let ca_pem = std::fs::read(&ca_path).map_err(|source| AdminError::Io {
             path: ca_path.display().to_string(),
             source,
         })?;
-        let tok_path = dir.join(ADMIN_TOKEN_FILE);
+        let tok_path = token_file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join(ADMIN_TOKEN_FILE));
         let token =
             Zeroizing::new(
                 fsutil::read_private(&tok_path).map_err(|source| AdminError::Io {
@@ -183,6 +198,40 @@ impl AdminClient {
             .map_err(|e| AdminError::Response(e.to_string()))
     }
 
+    /// Create a named admin credential; the answer holds its token (shown once).
+    pub fn create_credential(
+        &self,
+        name: &str,
+        read_only: bool,
+    ) -> Result<CredentialCreateResponse, AdminError> {
+        let body = serde_json::to_value(CredentialCreateRequest {
+            name: name.to_owned(),
+            read_only,
+        })
+        .map_err(|e| AdminError::Response(e.to_string()))?;
+        self.call("POST", "/v1/admin/credentials", Some(body))
+    }
+
+    /// Every admin credential (never their tokens).
+    pub fn credentials(&self) -> Result<Vec<CredentialInfo>, AdminError> {
+        self.call("GET", "/v1/admin/credentials", None)
+    }
+
+    /// Revoke the credential `name`.
+    pub fn revoke_credential(&self, name: &str) -> Result<(), AdminError> {
+        let url = format!(
+            "{}/v1/admin/credentials/{}/revoke",
+            self.base,
+            path_segment(name)
+        );
+        let result = self
+            .agent
+            .request("POST", &url)
+            .set("Authorization", &format!("Bearer {}", self.bearer.as_str()))
+            .call();
+        api_response(&self.base, result).map(|_| ())
+    }
+
     /// Create a one-time enrolment token.
     pub fn create_token(
         &self,
@@ -230,7 +279,7 @@ impl AdminClient {
 fn path_segment(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
             } else {
                 '_'

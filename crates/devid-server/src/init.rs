@@ -159,7 +159,24 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     fsutil::write_new(&cert_path, chain.as_bytes(), 0o644).map_err(ioe(&cert_path))?;
 
     let admin = token::generate();
-    store.add_admin_credential(&token::hash(&admin), now)?;
+    let ctx = devid_store::AuditCtx {
+        actor: "init".into(),
+        source: "local".into(),
+        now_ms: now,
+    };
+    store
+        .add_admin_credential(
+            devid_store::INIT_CREDENTIAL,
+            devid_store::Role::Admin,
+            &token::hash(&admin),
+            &ctx,
+        )?
+        .map_err(|r| {
+            InitError::Store(StoreError::Corrupt {
+                what: "new database",
+                detail: format!("it already holds an admin credential: {}", r.code()),
+            })
+        })?;
     let admin_path = cfg.path(ADMIN_TOKEN_FILE);
     fsutil::write_new(
         &admin_path,

@@ -38,12 +38,20 @@ struct DataDir {
     /// Reach the server at this URL instead of the config's HTTPS address.
     #[arg(long)]
     server: Option<String>,
+    /// Authenticate with the named credential whose token is in this file (default:
+    /// DATA_DIR/admin.token, the credential `admin` made by `init`).
+    #[arg(long, env = "DEVID_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl DataDir {
     fn client(&self) -> Result<AdminClient> {
-        AdminClient::from_data_dir(&self.data_dir, self.server.as_deref())
-            .with_context(|| format!("using data dir {}", self.data_dir.display()))
+        AdminClient::from_data_dir_with(
+            &self.data_dir,
+            self.server.as_deref(),
+            self.token_file.as_deref(),
+        )
+        .with_context(|| format!("using data dir {}", self.data_dir.display()))
     }
 }
 
@@ -110,6 +118,9 @@ enum Command {
     /// Stored telemetry (MQTT messages).
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// Named admin credentials (admin or read-only), revocable.
+    #[command(subcommand)]
+    Credential(CredentialCommand),
     /// Show the audit log.
     #[command(after_help = "Example:\n  devid-server audit --json --limit 50")]
     Audit {
@@ -124,6 +135,41 @@ enum Command {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CredentialCommand {
+    /// Create a named credential; its token is printed alone on the last line, once.
+    #[command(
+        after_help = "Example:\n  devid-server credential create dashboard --read-only | tail -n1 \
+                      > /etc/devid-server/dashboard.token"
+    )]
+    Create {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Its name (1 to 64 of a-z, 0-9, '-', '_'); audit rows name it as admin:NAME.
+        name: String,
+        /// Read everything, change nothing.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List the credentials (never their tokens).
+    #[command(after_help = "Example:\n  devid-server credential list --json")]
+    List {
+        #[command(flatten)]
+        dir: DataDir,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a credential (its token stops working at once; the last admin one cannot be).
+    #[command(after_help = "Example:\n  devid-server credential revoke dashboard")]
+    Revoke {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Its name.
+        name: String,
     },
 }
 
@@ -354,6 +400,42 @@ fn dispatch(cli: Cli) -> Result<()> {
                 resp.expires_at
             );
             println!("{}", resp.token);
+            Ok(())
+        }
+        Command::Credential(CredentialCommand::Create {
+            dir,
+            name,
+            read_only,
+        }) => {
+            let resp = dir.client()?.create_credential(&name, read_only)?;
+            println!(
+                "# {} credential {}; keep its token (shown once) in a 0600 file:",
+                resp.role, resp.name
+            );
+            println!("{}", resp.token);
+            Ok(())
+        }
+        Command::Credential(CredentialCommand::List { dir, json }) => {
+            let all = dir.client()?.credentials()?;
+            if json {
+                return print_json(&all);
+            }
+            for c in all {
+                println!(
+                    "{:<24} {:<10} created {} {}",
+                    c.name,
+                    c.role,
+                    c.created_at,
+                    c.revoked_at
+                        .map(|r| format!("revoked {r}"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Credential(CredentialCommand::Revoke { dir, name }) => {
+            dir.client()?.revoke_credential(&name)?;
+            println!("credential {name} revoked");
             Ok(())
         }
         Command::Device(cmd) => device(cmd),

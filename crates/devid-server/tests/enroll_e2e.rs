@@ -57,7 +57,7 @@ fn enrol_with_soft_key_through_devid_enroll() {
     assert_eq!(enrol.device_id.as_deref(), Some("sensor-01"));
     assert!(audit
         .iter()
-        .any(|a| a.action == "token.create" && a.actor == "admin"));
+        .any(|a| a.action == "token.create" && a.actor == "admin:admin"));
 
     // a token without binding and no requested id gives a UUID v4 id
     let token = s.token(&[]);
@@ -606,4 +606,50 @@ fn an_enrolment_flood_from_one_address_is_throttled() {
         "{} audit rows for one flood: {rows:#?}",
         rows.len()
     );
+}
+
+/// Review finding L5, through the real binary and CLI: a read-only credential made with
+/// `credential create --read-only` reads the registry and is refused every change by the
+/// server; revoking it ends it; the `admin` credential of `init` keeps working.
+#[test]
+fn named_credentials_read_only_and_revocation_through_the_cli() {
+    let s = Server::start();
+    let out = s.cli(&["credential", "create", "dashboard", "--read-only"]);
+    let token = out.lines().last().unwrap().trim().to_owned();
+    assert_eq!(token.len(), 64, "{out}");
+    let file = s.tmp.path().join("dashboard.token");
+    std::fs::write(&file, &token).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let f = file.to_str().unwrap();
+    let token_for_device = s.token(&["--device-id", "ro-1"]);
+    let ks = soft_key(&s.tmp.path().join("ro"));
+    let csr = build_csr_with_keystore(&*ks, None).unwrap();
+    enroll(&s.url, &token_for_device, &s.pin, &csr, None).unwrap();
+    let listed = s.cli(&["device", "list", "--json", "--token-file", f]);
+    assert!(listed.contains("ro-1"), "{listed}");
+    let refused = s.cli_output(&["device", "revoke", "ro-1", "--token-file", f]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("read_only_credential"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(s.devices()[0].state.as_str(), "active");
+    let creds = s.cli(&["credential", "list", "--json"]);
+    assert!(
+        creds.contains("\"admin\"") && creds.contains("\"dashboard\""),
+        "{creds}"
+    );
+    s.cli(&["credential", "revoke", "dashboard"]);
+    let after = s.cli_output(&["device", "list", "--token-file", f]);
+    assert!(!after.status.success());
+    assert!(String::from_utf8_lossy(&after.stderr).contains("admin_unauthorized"));
+    // the last admin credential cannot be revoked
+    let last = s.cli_output(&["credential", "revoke", "admin"]);
+    assert!(String::from_utf8_lossy(&last.stderr).contains("last_admin_credential"));
+    let audit = s.audit();
+    assert!(audit
+        .iter()
+        .any(|a| a.action == "credential.revoke" && a.outcome == "ok" && a.actor == "admin:admin"));
 }

@@ -290,6 +290,51 @@ pub struct AuditEntry {
     pub source: String,
 }
 
+/// `POST /v1/admin/credentials` request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialCreateRequest {
+    /// The credential's name (1 to 64 of `a-z`, `0-9`, `-`, `_`), in audit rows as
+    /// `admin:<name>`.
+    pub name: String,
+    /// Read everything, change nothing.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /v1/admin/credentials` response body: the only place the bearer token appears.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CredentialCreateResponse {
+    /// Name.
+    pub name: String,
+    /// `admin` or `read-only`.
+    pub role: String,
+    /// The bearer token (shown once; the server keeps only its SHA-256).
+    pub token: String,
+}
+
+impl fmt::Debug for CredentialCreateResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialCreateResponse")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An admin credential as the API lists it (never its token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialInfo {
+    /// Name.
+    pub name: String,
+    /// `admin` or `read-only`.
+    pub role: String,
+    /// Creation, RFC 3339 UTC.
+    pub created_at: String,
+    /// Revocation, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
 // --- telemetry messages (`GET /v1/devices/{id}/messages`, `GET /v1/stream`) ---
 
 /// One message as the API shows it.

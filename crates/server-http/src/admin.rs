@@ -7,11 +7,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use devid_proto::{DeviceInfo, DeviceState, TokenCreateRequest, TokenCreateResponse};
+use devid_proto::{
+    CredentialCreateRequest, CredentialCreateResponse, CredentialInfo, DeviceInfo, DeviceState,
+    TokenCreateRequest, TokenCreateResponse,
+};
 use serde::Deserialize;
 
 use devid_stdx::rfc3339;
-use devid_store::{token, NewToken, Refusal};
+use devid_store::{token, AdminCredential, NewToken, Refusal, Role};
 
 use crate::auth::Admin;
 use crate::error::{refusal_error, ApiError};
@@ -23,6 +26,7 @@ pub(crate) async fn create_token(
     State(state): State<HttpState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<TokenCreateResponse>), ApiError> {
+    admin.may_change(&state, "token.create").await?;
     let req: TokenCreateRequest = parse_body(body)?;
     let device_id = req.device_id.as_deref().map(parse_device_id).transpose()?;
     let policy = req.policy.unwrap_or_else(|| "default".into());
@@ -115,6 +119,9 @@ pub(crate) async fn change_state(
     id: String,
     target: DeviceState,
 ) -> Result<Json<DeviceInfo>, ApiError> {
+    admin
+        .may_change(&state, devid_store::state_action(target))
+        .await?;
     let id = parse_device_id(&id)?;
     let store = state.registry.clone();
     let ctx = admin.ctx;
@@ -183,4 +190,83 @@ pub(crate) async fn audit_log(
     let rows =
         blocking(move || store.audit_log(limit, device.as_ref().map(|d| d.as_str()))).await??;
     Ok(Json(rows))
+}
+
+fn credential_info(c: &AdminCredential) -> CredentialInfo {
+    CredentialInfo {
+        name: c.name.clone(),
+        role: c.role.as_str().to_owned(),
+        created_at: rfc3339(c.created_at_ms),
+        revoked_at: c.revoked_at_ms.map(rfc3339),
+    }
+}
+
+/// `POST /v1/admin/credentials`: a new named credential; its token is in this answer only.
+pub(crate) async fn create_credential(
+    admin: Admin,
+    State(state): State<HttpState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<CredentialCreateResponse>), ApiError> {
+    admin.may_change(&state, "credential.create").await?;
+    let req: CredentialCreateRequest = parse_body(body)?;
+    if !token::valid_policy(&req.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_credential_name",
+            "credential names use 1 to 64 characters from a-z, 0-9, '-' and '_'",
+        ));
+    }
+    let role = if req.read_only {
+        Role::ReadOnly
+    } else {
+        Role::Admin
+    };
+    let secret = token::generate();
+    let hash = token::hash(&secret);
+    let store = state.registry.clone();
+    let ctx = admin.ctx;
+    let name = req.name.clone();
+    match blocking(move || store.add_admin_credential(&name, role, &hash, &ctx)).await?? {
+        Ok(()) => {
+            tracing::info!(name = %req.name, role = role.as_str(), "admin credential created");
+            Ok((
+                StatusCode::CREATED,
+                Json(CredentialCreateResponse {
+                    name: req.name,
+                    role: role.as_str().to_owned(),
+                    token: secret.to_string(),
+                }),
+            ))
+        }
+        Err(r) => Err(refusal_error(r)),
+    }
+}
+
+/// `GET /v1/admin/credentials`.
+pub(crate) async fn list_credentials(
+    _admin: Admin,
+    State(state): State<HttpState>,
+) -> Result<Json<Vec<CredentialInfo>>, ApiError> {
+    let store = state.registry.clone();
+    let all = blocking(move || store.admin_credentials()).await??;
+    Ok(Json(all.iter().map(credential_info).collect()))
+}
+
+/// `POST /v1/admin/credentials/{name}/revoke`.
+pub(crate) async fn revoke_credential(
+    admin: Admin,
+    State(state): State<HttpState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    admin.may_change(&state, "credential.revoke").await?;
+    let store = state.registry.clone();
+    let ctx = admin.ctx;
+    let n = name.clone();
+    match blocking(move || store.revoke_admin_credential(&n, &ctx)).await?? {
+        Ok(()) => {
+            tracing::info!(%name, "admin credential revoked");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(r) => Err(refusal_error(r)),
+    }
 }

@@ -6,16 +6,46 @@ use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 
 use devid_stdx::now_ms;
-use devid_store::{token, AuditCtx};
+use devid_store::{token, AuditCtx, Role};
 
 use crate::error::ApiError;
 use crate::request::{audit_refusal, blocking};
 use crate::state::{HttpState, PeerInfo};
 
-/// An authenticated admin request (bearer token whose hash is in the store).
+/// An authenticated admin request: a bearer token whose hash belongs to a live named
+/// credential. Handlers that change state call [`Admin::may_change`] first.
 #[derive(Debug)]
 pub struct Admin {
     pub(crate) ctx: AuditCtx,
+    pub(crate) role: Role,
+}
+
+impl Admin {
+    /// Refuse (and audit, aggregated) a state change asked with a read-only credential: the
+    /// refusal is the server's, not only a hidden button.
+    pub(crate) async fn may_change(
+        &self,
+        state: &HttpState,
+        action: &'static str,
+    ) -> Result<(), ApiError> {
+        if self.role == Role::Admin {
+            return Ok(());
+        }
+        tracing::info!(actor = %self.ctx.actor, action, "read-only credential refused");
+        audit_refusal(
+            state,
+            self.ctx.clone(),
+            action,
+            None,
+            "read_only_credential",
+        )
+        .await?;
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only_credential",
+            "this credential is read-only; use an admin credential to change anything",
+        ))
+    }
 }
 
 impl FromRequestParts<HttpState> for Admin {
@@ -52,15 +82,20 @@ impl FromRequestParts<HttpState> for Admin {
             source,
             now_ms: now_ms(),
         };
-        let valid = match presented {
+        let found = match presented {
             Some(hash) => {
                 let store = state.registry.clone();
-                blocking(move || store.admin_credential_valid(&hash)).await??
+                blocking(move || store.admin_credential(&hash)).await??
             }
-            None => false,
+            None => None,
         };
-        if valid {
-            return Ok(Admin { ctx });
+        if let Some(credential) = found {
+            let mut ctx = ctx;
+            ctx.actor = format!("admin:{}", credential.name);
+            return Ok(Admin {
+                ctx,
+                role: credential.role,
+            });
         }
         // a failure costs the source a token; past the burst it gets 429 (above)
         let _ = state.limits.admin_failures.check(&ip);

@@ -87,6 +87,8 @@ pub(crate) fn refusal_error(r: Refusal) -> ApiError {
         | Refusal::DeviceSuspended
         | Refusal::CertSuperseded
         | Refusal::KeyChangeRefused => StatusCode::FORBIDDEN,
+        Refusal::CredentialExists | Refusal::LastAdminCredential => StatusCode::CONFLICT,
+        Refusal::CredentialUnknown => StatusCode::NOT_FOUND,
         Refusal::DeviceUnknown => StatusCode::NOT_FOUND,
     };
     ApiError::new(status, r.code(), r.message())

@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use crate::messages;
 
 use crate::admin::{
-    audit_log, create_token, list_devices, resume_device, revoke_device, show_device,
-    suspend_device,
+    audit_log, create_credential, create_token, list_credentials, list_devices, resume_device,
+    revoke_credential, revoke_device, show_device, suspend_device,
 };
 use crate::enroll::{enroll, renew};
 use crate::error::ApiError;
@@ -74,6 +74,13 @@ pub(crate) fn build() -> (Router<HttpState>, Vec<(&'static str, &'static str)>) 
     .add("POST", "/v1/admin/devices/{id}/resume", post(resume_device))
     .add("POST", "/v1/admin/devices/{id}/revoke", post(revoke_device))
     .add("GET", "/v1/admin/audit", get(audit_log))
+    .add("POST", "/v1/admin/credentials", post(create_credential))
+    .add("GET", "/v1/admin/credentials", get(list_credentials))
+    .add(
+        "POST",
+        "/v1/admin/credentials/{name}/revoke",
+        post(revoke_credential),
+    )
     .add(
         "GET",
         "/v1/devices/{id}/messages",

@@ -44,8 +44,19 @@ impl Api {
         let db = dir.path().join("devid-server.db");
         let registry = Arc::new(SqliteStore::open(&db).unwrap());
         let admin = devid_store::token::generate().to_string();
+        let ctx = devid_store::AuditCtx {
+            actor: "test".into(),
+            source: "local".into(),
+            now_ms: devid_stdx::now_ms(),
+        };
         registry
-            .add_admin_credential(&devid_store::token::hash(&admin), devid_stdx::now_ms())
+            .add_admin_credential(
+                "admin",
+                devid_store::Role::Admin,
+                &devid_store::token::hash(&admin),
+                &ctx,
+            )
+            .unwrap()
             .unwrap();
         let changes = Arc::new(Changes::default());
         let (stream, _) = tokio::sync::broadcast::channel(16);
@@ -441,4 +452,91 @@ async fn readiness_reports_the_database_and_the_other_listeners() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["check"], "mqtt_listener");
+}
+
+/// Review finding L5: a read-only credential reads everything and changes nothing, refused
+/// by the server (not only hidden in a console); changes are audited with the credential's
+/// name; a revoked credential authenticates nothing.
+#[tokio::test]
+async fn a_read_only_credential_reads_and_is_refused_every_change() {
+    let api = Api::new();
+    let token = api.token("pump-r").await;
+    let body = serde_json::json!({"token": token, "csr": csr()}).to_string();
+    assert_eq!(
+        api.call("POST", "/v1/enroll", None, &body).await.0,
+        StatusCode::OK
+    );
+    let (status, body) = api
+        .call(
+            "POST",
+            "/v1/admin/credentials",
+            Some(&api.admin),
+            r#"{"name":"dash","read_only":true}"#,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let dash: devid_proto::CredentialCreateResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(dash.role, "read-only");
+    for uri in [
+        "/v1/admin/devices",
+        "/v1/admin/audit",
+        "/v1/admin/credentials",
+    ] {
+        let (status, _) = api.call("GET", uri, Some(&dash.token), "").await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+    }
+    let changes = [
+        ("/v1/admin/devices/pump-r/revoke", ""),
+        ("/v1/admin/devices/pump-r/suspend", ""),
+        ("/v1/admin/tokens", "{}"),
+        ("/v1/admin/credentials", r#"{"name":"evil"}"#),
+        ("/v1/admin/credentials/admin/revoke", ""),
+    ];
+    for (uri, body) in changes {
+        let (status, err) = api.call("POST", uri, Some(&dash.token), body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+        assert_eq!(error_code(&err), "read_only_credential", "{uri}");
+    }
+    let id = DeviceId::parse("pump-r").unwrap();
+    assert_eq!(
+        api.registry.device(&id).unwrap().unwrap().state,
+        DeviceState::Active
+    );
+    assert_eq!(api.registry.admin_credentials().unwrap().len(), 2);
+    // the admin revokes dash: audited with its name; dash's token is dead
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/admin/credentials/dash/revoke",
+            Some(&api.admin),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api
+        .call("GET", "/v1/admin/devices", Some(&dash.token), "")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let actors: Vec<(String, String)> = api
+        .registry
+        .audit_log(100, None)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action.starts_with("credential.") && a.outcome == "ok")
+        .map(|a| (a.action, a.actor))
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            // the test's own bootstrap credential, then dashboard's life
+            ("credential.create".to_owned(), "test".to_owned()),
+            ("credential.create".to_owned(), "admin:admin".to_owned()),
+            ("credential.revoke".to_owned(), "admin:admin".to_owned())
+        ]
+    );
 }

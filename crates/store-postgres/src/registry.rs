@@ -31,9 +31,9 @@ use r2d2_postgres::{r2d2, PostgresConnectionManager};
 
 use devid_stdx::rfc3339;
 use devid_store::{
-    tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
-    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, StateChangeSink, StoreError,
-    TokenRow,
+    tx, AdminCredential, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn,
+    IssuedCert, NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role,
+    StateChangeSink, StoreError, TokenRow,
 };
 
 /// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
@@ -142,6 +142,17 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
     r#"
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS prev_cert_serial TEXT;
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS prev_key_fingerprint TEXT;
+"#,
+    // 4: named admin credentials with a role; the one `init` made becomes `admin`.
+    r#"
+ALTER TABLE admin_credentials ADD COLUMN IF NOT EXISTS name TEXT;
+ALTER TABLE admin_credentials ADD COLUMN IF NOT EXISTS role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE admin_credentials ADD COLUMN IF NOT EXISTS revoked_at BIGINT;
+UPDATE admin_credentials c SET name = CASE WHEN n.rn = 1 THEN 'admin' ELSE 'admin-' || n.rn END
+    FROM (SELECT token_hash, row_number() OVER (ORDER BY created_at, token_hash) AS rn
+          FROM admin_credentials WHERE name IS NULL) n
+    WHERE c.token_hash = n.token_hash;
+CREATE UNIQUE INDEX IF NOT EXISTS admin_credentials_name ON admin_credentials (name);
 "#,
 ];
 
@@ -408,26 +419,71 @@ fn migrate(client: &mut postgres::Client) -> Result<i64, postgres::Error> {
     Ok(version)
 }
 
+const CREDENTIAL_COLUMNS: &str = "name, role, created_at, revoked_at";
+
+fn to_credential(row: &Row) -> Result<AdminCredential, StoreError> {
+    let bad = |e: postgres::Error| StoreError::Corrupt {
+        what: "credential row",
+        detail: e.to_string(),
+    };
+    let role: String = row.try_get(1).map_err(bad)?;
+    Ok(AdminCredential {
+        name: row
+            .try_get::<_, Option<String>>(0)
+            .map_err(bad)?
+            .unwrap_or_default(),
+        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt {
+            what: "credential role",
+            detail: role.clone(),
+        })?,
+        created_at_ms: row.try_get(2).map_err(bad)?,
+        revoked_at_ms: row.try_get(3).map_err(bad)?,
+    })
+}
+
 impl Registry for PostgresStore {
-    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.conn()?
-            .execute(
-                "INSERT INTO admin_credentials (token_hash, created_at) VALUES ($1, $2)",
-                &[&hash, &now_ms],
-            )
-            .map_err(self.db("add admin credential"))?;
-        Ok(())
+    fn add_admin_credential(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        ctx: &AuditCtx,
+    ) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = PgTx::begin(self, &mut conn)?;
+        tx::add_credential(open, name, role, hash, ctx)
     }
 
-    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError> {
-        let row = self
-            .conn()?
+    fn admin_credential(&self, hash: &str) -> Result<Option<AdminCredential>, StoreError> {
+        self.conn()?
             .query_opt(
-                "SELECT 1 FROM admin_credentials WHERE token_hash = $1",
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM admin_credentials \
+                     WHERE token_hash = $1 AND revoked_at IS NULL"
+                ),
                 &[&hash],
             )
-            .map_err(self.db("check admin credential"))?;
-        Ok(row.is_some())
+            .map_err(self.db("check admin credential"))?
+            .as_ref()
+            .map(to_credential)
+            .transpose()
+    }
+
+    fn admin_credentials(&self) -> Result<Vec<AdminCredential>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM admin_credentials ORDER BY name"),
+                &[],
+            )
+            .map_err(self.db("list admin credentials"))?;
+        rows.iter().map(to_credential).collect()
+    }
+
+    fn revoke_admin_credential(&self, name: &str, ctx: &AuditCtx) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = PgTx::begin(self, &mut conn)?;
+        tx::revoke_credential(open, name, ctx)
     }
 
     fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError> {
@@ -642,6 +698,49 @@ impl RegistryTx for PgTx<'_, '_> {
 
     fn insert_audit(&mut self, row: &NewAudit<'_>) -> Result<(), StoreError> {
         self.store.insert_audit(&mut self.tx, row)
+    }
+
+    fn credentials_for_update(&mut self) -> Result<Vec<AdminCredential>, StoreError> {
+        // serialise credential changes across nodes; readers are not blocked
+        self.tx
+            .batch_execute("LOCK TABLE admin_credentials IN SHARE ROW EXCLUSIVE MODE")
+            .map_err(self.store.db("lock admin credentials"))?;
+        let rows = self
+            .tx
+            .query(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM admin_credentials ORDER BY name"),
+                &[],
+            )
+            .map_err(self.store.db("list admin credentials"))?;
+        rows.iter().map(to_credential).collect()
+    }
+
+    fn insert_credential(
+        &mut self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO admin_credentials (token_hash, created_at, name, role) \
+                 VALUES ($1, $2, $3, $4)",
+                &[&hash, &now_ms, &name, &role.as_str()],
+            )
+            .map_err(self.store.db("add admin credential"))?;
+        Ok(())
+    }
+
+    fn revoke_credential(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE admin_credentials SET revoked_at = $1 WHERE name = $2 \
+                 AND revoked_at IS NULL",
+                &[&now_ms, &name],
+            )
+            .map_err(self.store.db("revoke admin credential"))?;
+        Ok(())
     }
 
     fn commit(self) -> Result<(), StoreError> {

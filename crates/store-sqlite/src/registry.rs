@@ -9,8 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use devid_stdx::rfc3339;
 use devid_store::{
-    tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
-    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, StoreError, TokenRow,
+    tx, AdminCredential, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn,
+    IssuedCert, NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role, StoreError,
+    TokenRow,
 };
 
 /// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
@@ -244,17 +245,43 @@ impl SqliteStore {
     }
 }
 
+/// Schema version 3: admin credentials get a name (the one `init` made is `admin`), a role and
+/// a revocation time.
+const MIGRATE_3: &str = "ALTER TABLE admin_credentials ADD COLUMN name TEXT; \
+                         ALTER TABLE admin_credentials ADD COLUMN role TEXT NOT NULL \
+                             DEFAULT 'admin'; \
+                         ALTER TABLE admin_credentials ADD COLUMN revoked_at INTEGER; \
+                         UPDATE admin_credentials SET name = CASE WHEN rowid = \
+                             (SELECT MIN(rowid) FROM admin_credentials) THEN 'admin' \
+                             ELSE 'admin-' || rowid END; \
+                         CREATE UNIQUE INDEX admin_credentials_name ON admin_credentials (name);";
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(db("read the schema"))
+}
+
 /// Bring a database made by an older version up to the current schema (in one transaction).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let has_prev: bool = conn
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'prev_cert_serial'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(db("read the schema"))?
-        > 0;
-    if !has_prev {
+    migrate_2(conn)?;
+    if !has_column(conn, "admin_credentials", "name")? {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MIGRATE_3} \
+             UPDATE meta SET value = '3' WHERE key = 'schema_version'; COMMIT;"
+        ))
+        .map_err(db("migrate the schema to version 3"))?;
+        tracing::info!(schema_version = 3, "applied database migration");
+    }
+    Ok(())
+}
+
+fn migrate_2(conn: &Connection) -> Result<(), StoreError> {
+    if !has_column(conn, "devices", "prev_cert_serial")? {
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE; {MIGRATE_2} \
              UPDATE meta SET value = '2' WHERE key = 'schema_version'; COMMIT;"
@@ -265,27 +292,77 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+const CREDENTIAL_COLUMNS: &str = "name, role, created_at, revoked_at";
+
+fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, Option<i64>)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn to_credential(
+    (name, role, created_at_ms, revoked_at_ms): (String, String, i64, Option<i64>),
+) -> Result<AdminCredential, StoreError> {
+    Ok(AdminCredential {
+        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt {
+            what: "credential role",
+            detail: role.clone(),
+        })?,
+        name,
+        created_at_ms,
+        revoked_at_ms,
+    })
+}
+
+fn all_credentials(conn: &Connection) -> Result<Vec<AdminCredential>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM admin_credentials ORDER BY name"
+        ))
+        .map_err(db("list admin credentials"))?;
+    let rows = stmt
+        .query_map([], credential_row)
+        .map_err(db("list admin credentials"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db("list admin credentials"))?;
+    rows.into_iter().map(to_credential).collect()
+}
+
 impl Registry for SqliteStore {
-    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.conn()?
-            .execute(
-                "INSERT INTO admin_credentials (token_hash, created_at) VALUES (?1, ?2)",
-                params![hash, now_ms],
-            )
-            .map_err(db("add admin credential"))?;
-        Ok(())
+    fn add_admin_credential(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        ctx: &AuditCtx,
+    ) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::add_credential(open, name, role, hash, ctx)
     }
 
-    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError> {
-        let n: i64 = self
-            .conn()?
+    fn admin_credential(&self, hash: &str) -> Result<Option<AdminCredential>, StoreError> {
+        self.conn()?
             .query_row(
-                "SELECT COUNT(*) FROM admin_credentials WHERE token_hash = ?1",
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM admin_credentials \
+                     WHERE token_hash = ?1 AND revoked_at IS NULL"
+                ),
                 params![hash],
-                |r| r.get(0),
+                credential_row,
             )
-            .map_err(db("check admin credential"))?;
-        Ok(n > 0)
+            .optional()
+            .map_err(db("check admin credential"))?
+            .map(to_credential)
+            .transpose()
+    }
+
+    fn admin_credentials(&self) -> Result<Vec<AdminCredential>, StoreError> {
+        all_credentials(&*self.conn()?)
+    }
+
+    fn revoke_admin_credential(&self, name: &str, ctx: &AuditCtx) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::revoke_credential(open, name, ctx)
     }
 
     fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError> {
@@ -486,6 +563,38 @@ impl RegistryTx for SqliteTx<'_> {
 
     fn insert_audit(&mut self, row: &NewAudit<'_>) -> Result<(), StoreError> {
         insert_audit(&self.0, row)
+    }
+
+    fn credentials_for_update(&mut self) -> Result<Vec<AdminCredential>, StoreError> {
+        all_credentials(&self.0) // BEGIN IMMEDIATE holds the write lock already
+    }
+
+    fn insert_credential(
+        &mut self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO admin_credentials (token_hash, created_at, name, role) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![hash, now_ms, name, role.as_str()],
+            )
+            .map_err(db("add admin credential"))?;
+        Ok(())
+    }
+
+    fn revoke_credential(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "UPDATE admin_credentials SET revoked_at = ?1 WHERE name = ?2 \
+                 AND revoked_at IS NULL",
+                params![now_ms, name],
+            )
+            .map_err(db("revoke admin credential"))?;
+        Ok(())
     }
 
     fn commit(self) -> Result<(), StoreError> {

@@ -31,7 +31,7 @@ pub mod token;
 pub mod tx;
 
 pub use messages::{Appended, IndexHook, LiveMessage, MessageStore, NewMessage, StoredMessage};
-pub use rules::TokenRow;
+pub use rules::{state_action, TokenRow};
 pub use tx::RegistryTx;
 
 /// Storage failures (not refusals: those are [`Refusal`]).
@@ -103,6 +103,12 @@ pub enum Refusal {
     CertSuperseded,
     /// The renewal asks for a new key and the policy (`renewal.key_change`) refuses it.
     KeyChangeRefused,
+    /// An admin credential with this name exists (or existed).
+    CredentialExists,
+    /// No such live admin credential.
+    CredentialUnknown,
+    /// Revoking it would leave no live credential with the admin role.
+    LastAdminCredential,
 }
 
 impl Refusal {
@@ -119,6 +125,9 @@ impl Refusal {
             Refusal::DeviceUnknown => "device_unknown",
             Refusal::CertSuperseded => "cert_superseded",
             Refusal::KeyChangeRefused => "key_change_refused",
+            Refusal::CredentialExists => "credential_exists",
+            Refusal::CredentialUnknown => "credential_unknown",
+            Refusal::LastAdminCredential => "last_admin_credential",
         }
     }
 
@@ -148,6 +157,15 @@ impl Refusal {
             Refusal::KeyChangeRefused => {
                 "the renewal asks for a new key and the server's renewal.key_change policy \
                  refuses it; renew with the certified key"
+            }
+            Refusal::CredentialExists => {
+                "an admin credential with this name exists (names of revoked credentials stay \
+                 taken); pick another name"
+            }
+            Refusal::CredentialUnknown => "no live admin credential with this name",
+            Refusal::LastAdminCredential => {
+                "this is the last live credential with the admin role; create another admin \
+                 credential first"
             }
         }
     }
@@ -355,13 +373,73 @@ pub trait IngestRegistry: DeviceLookup + AuditLog {}
 
 impl<T: DeviceLookup + AuditLog + ?Sized> IngestRegistry for T {}
 
+/// What an admin credential may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything the admin API offers.
+    Admin,
+    /// Read everything, change nothing (dashboards, data readers).
+    ReadOnly,
+}
+
+impl Role {
+    /// As stored and shown: `admin`, `read-only`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+
+    /// The stored form back.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "read-only" => Some(Role::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+/// A named admin credential (its token exists only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminCredential {
+    /// Its name, in audit rows as `admin:<name>`.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Creation, ms.
+    pub created_at_ms: i64,
+    /// Revocation, ms (a revoked credential authenticates nothing).
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// The name the credential made by `devid-server init` (`DATA_DIR/admin.token`) carries.
+pub const INIT_CREDENTIAL: &str = "admin";
+
 /// The whole registry, as the HTTPS API and `devid-server init` use it.
 pub trait Registry: IngestRegistry {
-    /// Record the hash of an admin bearer token.
-    fn add_admin_credential(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Record a named admin credential (the hash of its bearer token) and audit it. Refused
+    /// with [`Refusal::CredentialExists`] when the name is taken (revoked names stay taken).
+    fn add_admin_credential(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        ctx: &AuditCtx,
+    ) -> Outcome<()>;
 
-    /// Whether a bearer token hash belongs to an admin.
-    fn admin_credential_valid(&self, hash: &str) -> Result<bool, StoreError>;
+    /// The live (not revoked) credential whose token hashes to `hash`. The lookup is by the
+    /// token's SHA-256, so its timing tells nothing about the token.
+    fn admin_credential(&self, hash: &str) -> Result<Option<AdminCredential>, StoreError>;
+
+    /// Every credential, revoked ones too, by name.
+    fn admin_credentials(&self) -> Result<Vec<AdminCredential>, StoreError>;
+
+    /// Revoke the credential `name` and audit it. Refused with [`Refusal::CredentialUnknown`]
+    /// for no such live credential, and [`Refusal::LastAdminCredential`] when it is the last
+    /// live one with the admin role (that would lock every operator out).
+    fn revoke_admin_credential(&self, name: &str, ctx: &AuditCtx) -> Outcome<()>;
 
     /// Store a new enrolment token (its hash) and audit it.
     fn create_token(&self, token: &NewToken, ctx: &AuditCtx) -> Result<(), StoreError>;

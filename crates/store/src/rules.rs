@@ -139,7 +139,7 @@ pub(crate) fn key_change_refusal(
 }
 
 /// The audit action of a move to `target`.
-pub(crate) fn state_action(target: DeviceState) -> &'static str {
+pub fn state_action(target: DeviceState) -> &'static str {
     match target {
         DeviceState::Active => "device.resume",
         DeviceState::Suspended => "device.suspend",

@@ -15,8 +15,8 @@ use devid_proto::{DeviceId, DeviceState};
 
 use crate::rules::{self, TokenRow, TokenUse};
 use crate::{
-    AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome,
-    Refusal, RenewAttempt, StoreError,
+    AdminCredential, AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit,
+    NewToken, Outcome, Refusal, RenewAttempt, Role, StoreError,
 };
 
 /// One open transaction of a backend. Every method runs inside it.
@@ -73,6 +73,21 @@ pub trait RegistryTx: Sized {
 
     /// Append an audit row.
     fn insert_audit(&mut self, row: &NewAudit<'_>) -> Result<(), StoreError>;
+
+    /// Every admin credential (revoked ones too), the table locked against concurrent changes.
+    fn credentials_for_update(&mut self) -> Result<Vec<AdminCredential>, StoreError>;
+
+    /// Store a new credential.
+    fn insert_credential(
+        &mut self,
+        name: &str,
+        role: Role,
+        hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Mark a credential revoked.
+    fn revoke_credential(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError>;
 
     /// Commit.
     fn commit(self) -> Result<(), StoreError>;
@@ -264,4 +279,74 @@ pub fn set_state<X: RegistryTx>(
     let record = tx.device(id)?.ok_or_else(|| rules::row_missing("update"))?;
     tx.commit()?;
     Ok(Ok(record))
+}
+
+/// Add a named admin credential (see [`crate::Registry::add_admin_credential`]).
+pub fn add_credential<X: RegistryTx>(
+    mut tx: X,
+    name: &str,
+    role: Role,
+    hash: &str,
+    ctx: &AuditCtx,
+) -> Outcome<()> {
+    if tx.credentials_for_update()?.iter().any(|c| c.name == name) {
+        return refuse(
+            tx,
+            ctx,
+            "credential.create",
+            None,
+            Refusal::CredentialExists,
+        );
+    }
+    tx.insert_credential(name, role, hash, ctx.now_ms)?;
+    let detail = format!("name={name} role={}", role.as_str());
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: None,
+        action: "credential.create",
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    tx.commit()?;
+    Ok(Ok(()))
+}
+
+/// Revoke a named admin credential (see [`crate::Registry::revoke_admin_credential`]).
+pub fn revoke_credential<X: RegistryTx>(mut tx: X, name: &str, ctx: &AuditCtx) -> Outcome<()> {
+    let all = tx.credentials_for_update()?;
+    let live = |c: &&AdminCredential| c.revoked_at_ms.is_none();
+    let Some(target) = all.iter().filter(live).find(|c| c.name == name) else {
+        return refuse(
+            tx,
+            ctx,
+            "credential.revoke",
+            None,
+            Refusal::CredentialUnknown,
+        );
+    };
+    let admins = all
+        .iter()
+        .filter(live)
+        .filter(|c| c.role == Role::Admin)
+        .count();
+    if target.role == Role::Admin && admins <= 1 {
+        return refuse(
+            tx,
+            ctx,
+            "credential.revoke",
+            None,
+            Refusal::LastAdminCredential,
+        );
+    }
+    tx.revoke_credential(name, ctx.now_ms)?;
+    let detail = format!("name={name}");
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: None,
+        action: "credential.revoke",
+        outcome: "ok",
+        detail: &detail,
+    })?;
+    tx.commit()?;
+    Ok(Ok(()))
 }

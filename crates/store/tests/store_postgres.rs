@@ -28,6 +28,10 @@ fn store_contract_on_postgres() {
     store_scenarios::refusals_change_nothing_but_the_audit_log(&PostgresStore::open(&url).unwrap());
     let url = pg.create_database("renewal");
     store_scenarios::renewal_and_reenrolment(&PostgresStore::open(&url).unwrap());
+    let url = pg.create_database("creds");
+    store_scenarios::admin_credentials_are_named_revocable_and_audited(
+        &PostgresStore::open(&url).unwrap(),
+    );
     let url = pg.create_database("h1");
     store_scenarios::renewal_accepts_only_the_current_certificate_or_its_unused_predecessor(
         &PostgresStore::open(&url).unwrap(),

@@ -61,11 +61,23 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
             [],
         )
         .unwrap();
+        // the admin token `init` made in version 1
+        raw.execute(
+            "INSERT INTO admin_credentials (token_hash, created_at) VALUES ('h-old', 1)",
+            [],
+        )
+        .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
     let id = devid_proto::DeviceId::parse("old-1").unwrap();
     let rec = store.device(&id).unwrap().unwrap();
     assert_eq!((rec.cert_serial.as_str(), rec.predecessor), ("abcd", None));
+    // existing installs keep working: the old admin token is now the credential `admin`
+    let admin = store.admin_credential("h-old").unwrap().unwrap();
+    assert_eq!(
+        (admin.name.as_str(), admin.role),
+        ("admin", devid_store::Role::Admin)
+    );
     drop(store);
     let raw = rusqlite::Connection::open(&path).unwrap();
     let v: String = raw
@@ -75,10 +87,16 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(v, "2");
+    assert_eq!(v, "3");
     // and opening again changes nothing
     drop(raw);
     SqliteStore::open(&path).unwrap();
+}
+
+#[test]
+fn admin_credentials_are_named_revocable_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    store_scenarios::admin_credentials_are_named_revocable_and_audited(&*open(&dir));
 }
 
 #[test]

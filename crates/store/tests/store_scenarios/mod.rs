@@ -12,7 +12,7 @@ use devid_stdx::now_ms;
 use devid_store::token;
 use devid_store::{
     AuditCtx, DeviceRecord, EnrollAttempt, IssuedCert, KeyChangePolicy, NewToken, PresentedCert,
-    Refusal, Registry, RenewAttempt,
+    Refusal, Registry, RenewAttempt, Role,
 };
 use rcgen::{KeyPair, PublicKeyData, PKCS_ECDSA_P256_SHA256};
 
@@ -417,16 +417,91 @@ pub fn revocation_is_permanent(store: &dyn Registry) -> String {
         store.device(&id).unwrap().unwrap().state,
         DeviceState::Revoked
     );
-    // admin credentials
-    let admin = token::generate();
-    store
-        .add_admin_credential(&token::hash(&admin), now_ms())
-        .unwrap();
-    assert!(store.admin_credential_valid(&token::hash(&admin)).unwrap());
-    assert!(!store
-        .admin_credential_valid(&token::hash(&token::generate()))
-        .unwrap());
     tok
+}
+
+/// Review finding L5: named admin credentials, an admin and a read-only role, revocable; the
+/// last admin credential cannot be revoked; every change audited with the acting name.
+pub fn admin_credentials_are_named_revocable_and_audited(store: &dyn Registry) {
+    let c = AuditCtx {
+        actor: "admin:admin".into(),
+        ..ctx()
+    };
+    let admin = token::generate();
+    let dash = token::generate();
+    store
+        .add_admin_credential("admin", Role::Admin, &token::hash(&admin), &c)
+        .unwrap()
+        .unwrap();
+    store
+        .add_admin_credential("dash", Role::ReadOnly, &token::hash(&dash), &c)
+        .unwrap()
+        .unwrap();
+    let found = store
+        .admin_credential(&token::hash(&dash))
+        .unwrap()
+        .unwrap();
+    assert_eq!((found.name.as_str(), found.role), ("dash", Role::ReadOnly));
+    assert_eq!(
+        store
+            .admin_credential(&token::hash(&admin))
+            .unwrap()
+            .unwrap()
+            .role,
+        Role::Admin
+    );
+    assert!(store
+        .admin_credential(&token::hash(&token::generate()))
+        .unwrap()
+        .is_none());
+    // a taken name, and the last admin credential
+    assert_eq!(
+        store
+            .add_admin_credential("dash", Role::Admin, &token::hash(&token::generate()), &c)
+            .unwrap(),
+        Err(Refusal::CredentialExists)
+    );
+    assert_eq!(
+        store.revoke_admin_credential("admin", &c).unwrap(),
+        Err(Refusal::LastAdminCredential)
+    );
+    // revoking dash: its token authenticates nothing any more, its name stays taken
+    store.revoke_admin_credential("dash", &c).unwrap().unwrap();
+    assert!(store
+        .admin_credential(&token::hash(&dash))
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store.revoke_admin_credential("dash", &c).unwrap(),
+        Err(Refusal::CredentialUnknown)
+    );
+    let listed = store.admin_credentials().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1].revoked_at_ms.is_some() && listed[0].revoked_at_ms.is_none());
+    let rows: Vec<(String, String, String)> = store
+        .audit_log(100, None)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action.starts_with("credential."))
+        .map(|a| (a.action, a.outcome, a.actor))
+        .collect();
+    assert!(
+        rows.iter().all(|(_, _, actor)| actor == "admin:admin"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|(a, o, _)| format!("{a} {o}"))
+            .collect::<Vec<_>>(),
+        [
+            "credential.create ok",
+            "credential.create ok",
+            "credential.create refused",
+            "credential.revoke refused",
+            "credential.revoke ok",
+            "credential.revoke refused"
+        ]
+    );
 }
 
 /// Whenever a store answers `try_device_now`, it answers what `device` answers: the record of
