@@ -19,7 +19,10 @@
 //!   checks done in the transaction still hold when it writes.
 //! * Triggers make the audit log append-only (UPDATE, DELETE and TRUNCATE are refused) and
 //!   revocation permanent (a revoked row can neither change state nor be deleted).
-//! * The connection URL's password never reaches a log line or an error: see [`redact_url`].
+//! * Every connection (the first one, the pool's, the listener's) goes through one rustls
+//!   connector built from the URL's libpq `sslmode` and `sslrootcert` ([`crate::tls`]).
+//! * The password (in the URL, or read from `database.password_file`, [`ConnectOptions`])
+//!   never reaches a log line or an error: see [`redact_url`] and the scrubbing in `detail`.
 
 use std::str::FromStr;
 use std::time::Duration;
