@@ -53,7 +53,11 @@ fn verify_full_with_the_password_from_a_file_which_is_in_no_log_line() {
     assert!(pg.connections_by_ssl("devid", "devid-server", true) >= 2);
     for node in [&a, &b] {
         let log = node.log_text();
-        assert!(log.contains("PostgreSQL store ready"), "{log}");
+        let ready = log.lines().find(|l| l.contains("PostgreSQL store ready"));
+        eprintln!(
+            "{}",
+            ready.unwrap_or_else(|| panic!("no ready line:\n{log}"))
+        );
         assert!(log.contains("server_verified=true"), "{log}");
         assert!(!log.contains("NOT encrypted"), "{log}");
         assert!(
