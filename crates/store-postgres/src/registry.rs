@@ -34,13 +34,13 @@ use r2d2_postgres::{r2d2, PostgresConnectionManager};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use devid_stdx::rfc3339;
-
-use crate::tls::{only_local, TlsSettingsError, TlsTarget};
 use devid_store::{
     tx, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
     NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, StateChangeSink, StoreError,
     TokenRow,
 };
+
+use crate::tls::{only_local, TlsSettingsError, TlsTarget};
 
 /// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
 pub const MIGRATION_LOCK: i64 = 0x64_6576_6964;

@@ -22,8 +22,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use r2d2_postgres::postgres;
 use r2d2_postgres::postgres::config::{Host, SslMode as DriverMode};
-use r2d2_postgres::postgres::{self};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
