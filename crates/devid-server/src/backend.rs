@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use devid_server_config::{DbLocation, ServerConfig};
 use devid_store::{MessageStore, Registry, StoreError};
-use devid_store_postgres::PostgresStore;
+use devid_store_postgres::{ConnectOptions, PostgresStore};
 use devid_store_sqlite::{SqliteMessageStore, SqliteStore};
 
 /// The stores a server process runs on.
@@ -22,7 +22,9 @@ pub struct Backend {
 pub fn open_registry(cfg: &ServerConfig) -> Result<Arc<dyn Registry>, StoreError> {
     match location(cfg)? {
         DbLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(&path)?)),
-        DbLocation::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url)?)),
+        DbLocation::Postgres(url) => {
+            Ok(Arc::new(PostgresStore::open_with(&url, &pg_options(cfg))?))
+        }
     }
 }
 
@@ -34,12 +36,18 @@ pub fn open(cfg: &ServerConfig) -> Result<Backend, StoreError> {
             messages: Arc::new(SqliteMessageStore::open(&path)?),
         }),
         DbLocation::Postgres(url) => {
-            let store = Arc::new(PostgresStore::open(&url)?);
+            let store = Arc::new(PostgresStore::open_with(&url, &pg_options(cfg))?);
             Ok(Backend {
                 registry: store.clone(),
                 messages: store,
             })
         }
+    }
+}
+
+fn pg_options(cfg: &ServerConfig) -> ConnectOptions {
+    ConnectOptions {
+        password_file: cfg.db_password_file(),
     }
 }
 

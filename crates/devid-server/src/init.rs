@@ -59,6 +59,8 @@ pub struct InitOptions {
     pub mqtt_listen: Option<SocketAddr>,
     /// Database URL (default sqlite in the data dir).
     pub db: Option<String>,
+    /// PostgreSQL: the file holding the password (`database.password_file`).
+    pub db_password_file: Option<PathBuf>,
     /// Where to make the CA key: `file:FILE` (default `file:ca-key.pem`) or a `pkcs11:` URI
     /// naming a token, its module and PIN file (the key is generated on the token).
     pub ca_key: Option<String>,
@@ -107,6 +109,11 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     }
     if let Some(db) = &opts.db {
         cfg.db = db.clone();
+    }
+    if let Some(p) = &opts.db_password_file {
+        // relative to where init runs, like --data-dir
+        let abs = p.canonicalize().map_err(ioe(p))?;
+        cfg.database.password_file = Some(abs);
     }
     if let Some(k) = &opts.ca_key {
         cfg.ca_key = k.clone();

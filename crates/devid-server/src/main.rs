@@ -79,6 +79,10 @@ enum Command {
         /// postgres://USER[:PASSWORD]@HOST:PORT/DB (several nodes may share one database).
         #[arg(long)]
         db: Option<String>,
+        /// PostgreSQL: read the password from this file (chmod 600; recorded as
+        /// database.password_file), so neither the URL nor the config holds it.
+        #[arg(long, value_name = "FILE")]
+        db_password_file: Option<PathBuf>,
         /// Where to make the fleet CA key: file:FILE (relative to the data dir, the default
         /// file:ca-key.pem) or an RFC 7512 URI naming a PKCS#11 token, its module and a PIN
         /// file: the key is generated on the token and never leaves it.
@@ -321,6 +325,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             https_listen,
             mqtt_listen,
             db,
+            db_password_file,
             ca_key,
         } => {
             let report = init(&InitOptions {
@@ -329,6 +334,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 https_listen: Some(https_listen),
                 mqtt_listen: Some(mqtt_listen),
                 db,
+                db_password_file,
                 ca_key,
             })?;
             let dir = report.config.data_dir.display();

@@ -3,7 +3,8 @@
 //! rows (the message store is the shared database, not a per-node file). A device revoked or
 //! suspended through one node loses its live session on the other at once (LISTEN/NOTIFY),
 //! not only at the next periodic registry re-check, and a node that was not listening when
-//! the change committed catches up when it listens again.
+//! the change committed catches up when it listens again. The revocation test runs over TLS
+//! too (sslmode=verify-full).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -63,10 +64,40 @@ fn messages_published_on_one_node_are_read_on_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_on_one_node_closes_the_session_on_the_other_at_once() {
     let pg = PgCluster::start();
-    let url = pg.url();
+    revocation_closes_the_other_nodes_session(&pg.url()).await;
+}
+
+/// The same over TLS (sslmode=verify-full against the test CA; the cluster takes TCP clients
+/// over TLS only): the pool and the LISTEN connection both go through the TLS connector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_on_one_node_closes_the_session_on_the_other_at_once_over_tls() {
+    let pg = PgCluster::start_tls(&["localhost", "127.0.0.1"]);
+    let (a, b) = revocation_closes_the_other_nodes_session(&pg.tls_url("verify-full")).await;
+    // both nodes listen, over TLS; no devid connection is in plaintext
+    assert_eq!(
+        pg.connections_by_ssl("devid", "devid-server:listen", true),
+        2
+    );
+    assert_eq!(pg.connections_by_ssl("devid", "devid-server", false), 0);
+    for node in [&a, &b] {
+        let log = node.log_text();
+        assert!(
+            log.contains("sslmode=\"verify-full\"") && log.contains("server_verified=true"),
+            "{log}"
+        );
+        assert!(
+            !log.contains(pg.password()),
+            "the password is in a log line:\n{log}"
+        );
+    }
+}
+
+/// Two nodes on `url`; a device revoked (and one suspended) through node A loses its live
+/// session on node B at once. Returns the nodes.
+async fn revocation_closes_the_other_nodes_session(url: &str) -> (Server, Server) {
     // the periodic registry re-check stays at its default (60 s): only the notification
     // can close the session within the test's bound
-    let a = Server::start_with(&["--db", &url]);
+    let a = Server::start_with(&["--db", url]);
     let b = a.another_node();
     let ca = b.ca_pem_path();
     let r = enrol(&a, "pg-revoke", "default");
@@ -109,6 +140,7 @@ async fn revocation_on_one_node_closes_the_session_on_the_other_at_once() {
         Some(2.0),
         "{metrics}"
     );
+    (a, b)
 }
 
 /// Each node's LISTEN connection, as PostgreSQL sees them.

@@ -55,9 +55,13 @@ pub struct ServerConfig {
     /// MQTT listen address (the port goes into the `mqtt_url` given to devices).
     #[serde(default = "default_mqtt")]
     pub mqtt_listen: SocketAddr,
-    /// Database URL: `sqlite:FILE` (relative to data_dir) or `postgres://...`.
+    /// Database URL: `sqlite:FILE` (relative to data_dir) or `postgres://...` (with libpq's
+    /// `sslmode` and `sslrootcert` for TLS).
     #[serde(default = "default_db")]
     pub db: String,
+    /// PostgreSQL connection settings beyond the URL (`database.*` keys).
+    #[serde(default)]
+    pub database: DatabaseSettings,
     /// The fleet CA's private key: `file:FILE` (relative to data_dir) or an RFC 7512
     /// `pkcs11:` URI (see [`Pkcs11KeyUri`]).
     #[serde(default = "default_ca_key")]
@@ -93,6 +97,16 @@ pub struct ServerConfig {
     /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
     #[serde(default)]
     pub mqtt: mqtt::MqttSettings,
+}
+
+/// The `[database]` table (written as dotted keys, `database.password_file = ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// A file holding the PostgreSQL password alone (0600, relative to data_dir), so that the
+    /// `db` URL and the config file carry no secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// The `[renewal]` table.
@@ -179,6 +193,7 @@ impl ServerConfig {
             https_listen: default_https(),
             mqtt_listen: default_mqtt(),
             db: default_db(),
+            database: DatabaseSettings::default(),
             ca_key: default_ca_key(),
             device_cert_days: default_cert_days(),
             device_cert_lifetime: None,
@@ -252,6 +267,20 @@ impl ServerConfig {
                 detail: "must be at least 1024".into(),
             });
         }
+        if self.database.password_file.is_some()
+            && !matches!(self.db_location()?, DbLocation::Postgres(_))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database.password_file",
+                detail: "only a postgres:// database has a password".into(),
+            });
+        }
+        if self.database.password_file.as_deref() == Some(Path::new("")) {
+            return Err(ConfigError::Invalid {
+                key: "database.password_file",
+                detail: "empty path".into(),
+            });
+        }
         self.db_location()?;
         self.mqtt.validate()?;
         self.https.validate()?;
@@ -308,6 +337,15 @@ impl ServerConfig {
         }
     }
 
+    /// The PostgreSQL password file (`database.password_file`), relative paths joined to
+    /// data_dir.
+    pub fn db_password_file(&self) -> Option<PathBuf> {
+        self.database
+            .password_file
+            .as_ref()
+            .map(|p| self.data_dir.join(p))
+    }
+
     /// The URL devices get for MQTT.
     pub fn mqtt_url(&self) -> String {
         format!("mqtts://{}:{}", self.hostname, self.mqtt_listen.port())
@@ -359,8 +397,13 @@ impl ServerConfig {
              mqtt_listen = {mqtt}\n\
              \n\
              # Database: sqlite:FILE (relative to data_dir; WAL mode) or\n\
-             # postgres://USER@HOST:PORT/DB.\n\
+             # postgres://USER@HOST:PORT/DB. Over a network, use TLS with the database's CA:\n\
+             # postgres://USER@HOST:PORT/DB?sslmode=verify-full&sslrootcert=/PATH/db-ca.pem\n\
+             # (sslmode: disable, prefer (the default), require, verify-ca, verify-full).\n\
              db = {db}\n\
+             # PostgreSQL: the password, alone in a file only the server's user can read\n\
+             # (chmod 600; relative to data_dir), instead of a password in the db URL.\n\
+             {pwfile}\n\
              \n\
              # The fleet CA's private key: file:FILE (relative to data_dir, 0600), or a key on\n\
              # a PKCS#11 token, as an RFC 7512 URI naming the token (label and serial), the\n\
@@ -397,6 +440,10 @@ impl ServerConfig {
             https = q(&self.https_listen.to_string()),
             mqtt = q(&self.mqtt_listen.to_string()),
             db = q(&self.db),
+            pwfile = match &self.database.password_file {
+                Some(p) => format!("database.password_file = {}", q(&p.display().to_string())),
+                None => "# database.password_file = \"/etc/devid-server/db.password\"".into(),
+            },
             ca_key = q(&self.ca_key),
             days = self.device_cert_days,
             ttl = q(&self.token_default_ttl),
@@ -681,6 +728,29 @@ mod tests {
             }
         }
         assert_eq!(back.mqtt_url(), "mqtts://iot.example.com:8883");
+        assert_eq!(back.db_password_file(), None);
+    }
+
+    #[test]
+    fn the_database_password_file_round_trips_and_is_for_postgres_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServerConfig::new(dir.path().to_path_buf(), "iot.example.com".into());
+        cfg.db =
+            "postgres://devid@db.example:5432/devid?sslmode=verify-full&sslrootcert=/ca.pem".into();
+        cfg.database.password_file = Some("db.password".into());
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, cfg.to_commented_toml()).unwrap();
+        let back = ServerConfig::load(&path).unwrap();
+        assert_eq!(back.db, cfg.db);
+        assert_eq!(
+            back.db_password_file(),
+            Some(dir.path().join("db.password"))
+        );
+        // the dotted key opens no table that would swallow the keys after it
+        assert_eq!(back.ca_key, cfg.ca_key);
+        let mut sqlite = cfg.clone();
+        sqlite.db = default_db();
+        assert!(sqlite.validate().is_err());
     }
 
     #[test]

@@ -19,15 +19,19 @@
 //!   checks done in the transaction still hold when it writes.
 //! * Triggers make the audit log append-only (UPDATE, DELETE and TRUNCATE are refused) and
 //!   revocation permanent (a revoked row can neither change state nor be deleted).
-//! * The connection URL's password never reaches a log line or an error: see [`redact_url`].
+//! * Every connection (the first one, the pool's, the listener's) goes through one rustls
+//!   connector built from the URL's libpq `sslmode` and `sslrootcert` ([`crate::tls`]).
+//! * The password (in the URL, or read from `database.password_file`, [`ConnectOptions`])
+//!   never reaches a log line or an error: see [`redact_url`] and the scrubbing in `detail`.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use devid_proto::{AuditEntry, DeviceId, DeviceState};
 use r2d2_postgres::postgres::fallible_iterator::FallibleIterator;
-use r2d2_postgres::postgres::{self, GenericClient, NoTls, Row, Transaction};
+use r2d2_postgres::postgres::{self, GenericClient, Row, Transaction};
 use r2d2_postgres::{r2d2, PostgresConnectionManager};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use devid_stdx::rfc3339;
 use devid_store::{
@@ -35,6 +39,8 @@ use devid_store::{
     IssuedCert, NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role,
     StateChangeSink, StoreError, TokenRow,
 };
+
+use crate::tls::{only_local, TlsSettingsError, TlsTarget};
 
 /// Key of the advisory lock held while migrating (`pg_advisory_xact_lock`): "devid" in ASCII.
 pub const MIGRATION_LOCK: i64 = 0x64_6576_6964;
@@ -156,13 +162,26 @@ CREATE UNIQUE INDEX IF NOT EXISTS admin_credentials_name ON admin_credentials (n
 "#,
 ];
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Manager = PostgresConnectionManager<MakeRustlsConnect>;
+type Pool = r2d2::Pool<Manager>;
+
+/// How to connect, beyond the URL.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// A file holding the password alone (`database.password_file`); must not be readable by
+    /// group or others, and the URL must then carry no password.
+    pub password_file: Option<std::path::PathBuf>,
+}
 
 /// A registry in a PostgreSQL database, shareable by several server nodes.
 pub struct PostgresStore {
     pool: Pool,
     /// For connections outside the pool (the state-change listener).
     config: postgres::Config,
+    /// The TLS connector of every connection (pool, first connection, listener).
+    tls: MakeRustlsConnect,
+    /// `sslmode` and `sslrootcert`, to explain a refused handshake.
+    target: TlsTarget,
     /// The URL with its password replaced, for messages.
     shown: String,
     /// The password, to scrub from driver messages (defence in depth: the driver does not
@@ -263,26 +282,54 @@ fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
 }
 
 impl PostgresStore {
-    /// Connect to the database at `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`), bring its
-    /// schema up to date (under [`MIGRATION_LOCK`]) and open a pool of connections. Safe to call
-    /// from async code (it blocks the caller until connected).
+    /// Connect to the database at `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`, with
+    /// libpq's `sslmode` and `sslrootcert` if wanted: see [`crate::tls`]), bring its schema up
+    /// to date (under [`MIGRATION_LOCK`]) and open a pool of connections. Safe to call from
+    /// async code (it blocks the caller until connected).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        std::thread::scope(|s| s.spawn(|| Self::open_on_this_thread(url)).join()).unwrap_or_else(
-            |_| {
+        Self::open_with(url, &ConnectOptions::default())
+    }
+
+    /// [`open`](Self::open) with the password read from a file.
+    pub fn open_with(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
+        std::thread::scope(|s| s.spawn(|| Self::open_on_this_thread(url, options)).join())
+            .unwrap_or_else(|_| {
                 Err(StoreError::Db {
                     operation: "connect",
                     detail: "the connecting thread panicked; see the log".into(),
                 })
-            },
-        )
+            })
     }
 
-    fn open_on_this_thread(url: &str) -> Result<Self, StoreError> {
+    fn open_on_this_thread(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
         let shown = redact_url(url);
-        let mut config = postgres::Config::from_str(url).map_err(|e| StoreError::Db {
-            operation: "parse the database URL",
-            detail: format!("{shown}: {}", detail(&e, None)),
-        })?;
+        let settings = |operation: &'static str| {
+            let shown = shown.clone();
+            move |e: TlsSettingsError| StoreError::Db {
+                operation,
+                detail: format!("{shown}: {e}"),
+            }
+        };
+        let target = TlsTarget::parse(url).map_err(settings("parse the database URL"))?;
+        let mut config =
+            postgres::Config::from_str(&target.driver_url).map_err(|e| StoreError::Db {
+                operation: "parse the database URL",
+                detail: format!("{shown}: {}", detail(&e, None)),
+            })?;
+        config.ssl_mode(target.driver_mode());
+        if let Some(path) = &options.password_file {
+            if config.get_password().is_some() {
+                return Err(StoreError::Db {
+                    operation: "read the database password",
+                    detail: format!(
+                        "{shown} has a password and database.password_file is set too: keep \
+                         only the file"
+                    ),
+                });
+            }
+            let pw = read_password_file(path)?;
+            config.password(pw.as_bytes());
+        }
         let password = config
             .get_password()
             .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned()));
@@ -292,28 +339,65 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("devid-server");
         }
+        let tls = target
+            .connector()
+            .map_err(settings("set up TLS to the database"))?;
         let this_pw = password.as_ref().map(|p| p.as_str());
         let fail = |operation: &'static str| {
-            let shown = shown.clone();
+            let (shown, target, config) = (shown.clone(), &target, &config);
             move |e: postgres::Error| StoreError::Db {
                 operation,
-                detail: format!("{shown}: {}", detail(&e, this_pw)),
+                detail: format!(
+                    "{shown}: {}",
+                    target
+                        .explain(&e, config)
+                        .unwrap_or_else(|| detail(&e, this_pw))
+                ),
             }
         };
-        // One direct connection first: a wrong URL or password fails now, clearly, instead of
-        // after the pool's timeout.
-        let mut client = config.connect(NoTls).map_err(fail("connect"))?;
+        // One direct connection first: a wrong URL, password or certificate fails now,
+        // clearly, instead of after the pool's timeout.
+        let mut client = config.connect(tls.clone()).map_err(fail("connect"))?;
+        let encryption =
+            encryption(&mut client).map_err(fail("read the connection's TLS state"))?;
         let version = migrate(&mut client).map_err(fail("migrate the schema"))?;
         drop(client);
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(CONNECT_TIMEOUT)
-            .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
-        tracing::info!(db = %shown, schema_version = version, "PostgreSQL store ready");
+            .build_unchecked(PostgresConnectionManager::new(config.clone(), tls.clone()));
+        let tls_shown = encryption.as_deref().unwrap_or("none");
+        tracing::info!(
+            db = %shown,
+            schema_version = version,
+            sslmode = target.mode.as_str(),
+            tls = tls_shown,
+            server_verified = encryption.is_some() && target.verifies_chain(),
+            "PostgreSQL store ready"
+        );
+        if !only_local(&config) {
+            if encryption.is_none() {
+                tracing::warn!(
+                    db = %shown,
+                    "the connection to the database is NOT encrypted: anyone on the path can \
+                     read and change the registry; use sslmode=verify-full&sslrootcert=CA.pem"
+                );
+            } else if !target.verifies_chain() {
+                tracing::warn!(
+                    db = %shown,
+                    sslmode = target.mode.as_str(),
+                    "the connection to the database is encrypted but the server is not \
+                     authenticated (no sslrootcert): an active attacker can impersonate it; \
+                     use sslmode=verify-full&sslrootcert=CA.pem"
+                );
+            }
+        }
         Ok(Self {
             pool,
             config,
+            tls,
+            target,
             shown,
             password,
         })
@@ -324,9 +408,7 @@ impl PostgresStore {
         &self.shown
     }
 
-    pub(crate) fn conn(
-        &self,
-    ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
+    pub(crate) fn conn(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
         self.pool.get().map_err(|e| StoreError::Db {
             operation: "get a connection",
             detail: format!(
@@ -387,6 +469,44 @@ impl PostgresStore {
         .map_err(self.db("append audit"))?;
         Ok(())
     }
+}
+
+/// The TLS version of this connection as the server sees it (`pg_stat_ssl`), `None` when it
+/// is not encrypted.
+fn encryption(client: &mut postgres::Client) -> Result<Option<String>, postgres::Error> {
+    let row = client.query_opt(
+        "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )?;
+    Ok(match row {
+        Some(r) if r.try_get::<_, bool>(0)? => Some(
+            r.try_get::<_, Option<String>>(1)?
+                .unwrap_or_else(|| "TLS".into()),
+        ),
+        _ => None,
+    })
+}
+
+/// The password of `database.password_file`: the file's only line (a final newline is not
+/// part of it). The file must not be readable by group or others; what is read is zeroized.
+fn read_password_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, StoreError> {
+    let fail = |why: String| StoreError::Db {
+        operation: "read the database password",
+        detail: format!("database.password_file {}: {why}", path.display()),
+    };
+    let bytes = zeroize::Zeroizing::new(
+        devid_stdx::fs::read_private(path).map_err(|e| fail(e.to_string()))?,
+    );
+    let text = std::str::from_utf8(&bytes).map_err(|_| fail("not UTF-8".into()))?;
+    let pw = text.strip_suffix('\n').unwrap_or(text);
+    let pw = pw.strip_suffix('\r').unwrap_or(pw);
+    if pw.is_empty() {
+        return Err(fail("empty".into()));
+    }
+    if pw.contains(['\n', '\r']) {
+        return Err(fail("must hold the password alone, on one line".into()));
+    }
+    Ok(zeroize::Zeroizing::new(pw.to_owned()))
 }
 
 /// Apply the migrations the database lacks; returns the schema version.
@@ -793,6 +913,8 @@ impl DeviceLookup for PostgresStore {
         config.application_name(&name);
         let listener = Listener {
             config,
+            tls: self.tls.clone(),
+            target: self.target.clone(),
             shown: self.shown.clone(),
             password: self.password.clone(),
             sink,
@@ -850,6 +972,8 @@ impl AuditLog for PostgresStore {
 /// (`mqtt.registry_recheck_secs`), whichever comes first.
 struct Listener {
     config: postgres::Config,
+    tls: MakeRustlsConnect,
+    target: TlsTarget,
     shown: String,
     password: Option<zeroize::Zeroizing<String>>,
     sink: std::sync::Weak<dyn StateChangeSink>,
@@ -860,7 +984,7 @@ impl Listener {
         let mut retry = Duration::from_secs(1);
         let mut lost = false;
         while self.sink.strong_count() > 0 {
-            let listening = self.config.connect(NoTls).and_then(|mut c| {
+            let listening = self.config.connect(self.tls.clone()).and_then(|mut c| {
                 c.batch_execute(&format!("LISTEN {STATE_CHANNEL}"))?;
                 // Changes committed before LISTEN took effect (at start, or while the
                 // connection was lost) sent no notice this node saw: hand over every device
@@ -874,7 +998,9 @@ impl Listener {
                 Err(e) => {
                     tracing::warn!(
                         db = %self.shown,
-                        error = %detail(&e, self.password.as_ref().map(|p| p.as_str())),
+                        error = %self.target.explain(&e, &self.config).unwrap_or_else(
+                            || detail(&e, self.password.as_ref().map(|p| p.as_str()))
+                        ),
                         retry_in_secs = retry.as_secs(),
                         "cannot listen for other nodes' device state changes; live sessions \
                          fall back to the periodic registry re-check"

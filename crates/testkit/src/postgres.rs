@@ -7,6 +7,10 @@
 //! its unix socket lives inside the temp dir, TCP clients authenticate with SCRAM-SHA-256 and
 //! a generated password (so tests exercise real password handling), and [`PgCluster::url`]
 //! names a database made for the test.
+//!
+//! [`PgCluster::start_tls`] starts one with `ssl = on`, a server certificate issued by a test
+//! CA made here with rcgen (for the names the test asks for), and a pg_hba.conf that accepts
+//! TCP clients over TLS only (`hostssl`; `hostnossl` lines reject): [`PgTls`] has the CA.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -30,6 +34,33 @@ pub struct PgCluster {
     port: u16,
     password: String,
     as_user: Option<&'static str>,
+    tls: Option<PgTls>,
+}
+
+/// The TLS side of a cluster started by [`PgCluster::start_tls`].
+pub struct PgTls {
+    /// The test CA that issued the server's certificate (PEM file, world-readable).
+    pub ca_file: PathBuf,
+    /// An unrelated CA (PEM file), for "wrong CA" tests.
+    pub other_ca_file: PathBuf,
+    /// The names in the server certificate.
+    pub names: Vec<String>,
+}
+
+/// A self-signed CA: (params, key, PEM).
+fn test_ca(cn: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let pem = params.self_signed(&key).unwrap().pem();
+    (rcgen::Issuer::new(params, key), pem)
 }
 
 fn is_root() -> bool {
@@ -44,6 +75,17 @@ impl PgCluster {
     /// `initdb` a fresh cluster, start it on a free loopback port, and create the database
     /// `devid`.
     pub fn start() -> PgCluster {
+        Self::start_opts(None)
+    }
+
+    /// Like [`start`](Self::start), with `ssl = on`, a server certificate for `names` (DNS
+    /// names or IP addresses) issued by a fresh test CA, and TCP clients accepted over TLS
+    /// only. See [`PgCluster::tls`] for the CA files.
+    pub fn start_tls(names: &[&str]) -> PgCluster {
+        Self::start_opts(Some(names))
+    }
+
+    fn start_opts(tls_names: Option<&[&str]>) -> PgCluster {
         let initdb = Path::new(BIN_DIR).join("initdb");
         assert!(
             initdb.is_file(),
@@ -80,6 +122,7 @@ impl PgCluster {
             port: 0,
             password,
             as_user,
+            tls: None,
         };
         if let Some(user) = as_user {
             let out = Command::new("chown")
@@ -113,6 +156,10 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = fs::remove_file(&pwfile);
+        let mut ssl_opts = String::new();
+        if let Some(names) = tls_names {
+            ssl_opts = cluster.set_up_tls(names);
+        }
         // A free port can be taken between the check and the bind: try a few.
         let log = cluster.dir.path().join("server.log");
         let socket_dir = cluster.dir.path().to_str().unwrap().to_owned();
@@ -121,7 +168,7 @@ impl PgCluster {
             let opts = format!(
                 "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={socket_dir} \
                  -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-                 -c max_connections=100 -c shared_buffers=16MB"
+                 -c max_connections=100 -c shared_buffers=16MB{ssl_opts}"
             );
             let out = cluster.pg(
                 "pg_ctl",
@@ -153,6 +200,107 @@ impl PgCluster {
         }
         cluster.create_database("devid");
         cluster
+    }
+
+    /// Write the test CA, the server certificate and key, and a TLS-only pg_hba.conf; returns
+    /// the `pg_ctl -o` options that turn TLS on.
+    fn set_up_tls(&mut self, names: &[&str]) -> String {
+        let dir = self.dir.path();
+        let (ca, ca_pem) = test_ca("devid test database CA");
+        let (_, other_pem) = test_ca("devid test database CA (another one)");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("db"),
+        );
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let ca_file = dir.join("db-ca.pem");
+        let other_ca_file = dir.join("other-ca.pem");
+        let cert_file = dir.join("server.crt");
+        let key_file = dir.join("server.key");
+        fs::write(&ca_file, &ca_pem).unwrap();
+        fs::write(&other_ca_file, &other_pem).unwrap();
+        fs::write(&cert_file, format!("{}{ca_pem}", cert.pem())).unwrap();
+        fs::write(&key_file, key.serialize_pem()).unwrap();
+        for f in [&ca_file, &other_ca_file, &cert_file] {
+            fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        // PostgreSQL wants its key owned by itself and 0600.
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+        // Local (unix socket) clients as before; TCP only with TLS.
+        let hba = self.data.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "local all all trust\n\
+             local replication all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\n\
+             hostnossl all all 0.0.0.0/0 reject\n\
+             hostnossl all all ::/0 reject\n",
+        )
+        .unwrap();
+        if let Some(user) = self.as_user {
+            for f in [&key_file, &cert_file, &hba] {
+                let out = Command::new("chown")
+                    .args([&format!("{user}:"), f.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+        }
+        self.tls = Some(PgTls {
+            ca_file,
+            other_ca_file,
+            names: names.iter().map(|n| n.to_string()).collect(),
+        });
+        format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert_file.display(),
+            key_file.display()
+        )
+    }
+
+    /// The TLS files of a cluster started by [`start_tls`](Self::start_tls).
+    pub fn tls(&self) -> &PgTls {
+        self.tls
+            .as_ref()
+            .expect("a cluster started by PgCluster::start_tls")
+    }
+
+    /// [`url`](Self::url) with `?sslmode=MODE&sslrootcert=THE_TEST_CA` (a TLS cluster's).
+    pub fn tls_url(&self, mode: &str) -> String {
+        format!(
+            "{}?sslmode={mode}&sslrootcert={}",
+            self.url(),
+            self.tls().ca_file.display()
+        )
+    }
+
+    /// The URL of the `devid` database without the password (for a password file).
+    pub fn url_without_password(&self) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/devid", self.port)
+    }
+
+    /// How many client connections to database `db` are (`true`) or are not encrypted, as
+    /// PostgreSQL sees them (`pg_stat_ssl`), among those whose application name starts with
+    /// `app`.
+    pub fn connections_by_ssl(&self, db: &str, app: &str, ssl: bool) -> usize {
+        assert!(app
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:".contains(&b)));
+        self.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.datname = '{db}' AND a.application_name LIKE '{app}%' AND s.ssl = {ssl}"
+            ),
+        )
+        .trim()
+        .parse()
+        .unwrap()
     }
 
     /// Run a program of [`BIN_DIR`] as the cluster's user.
