@@ -17,9 +17,17 @@ fn round_trip(store: &PostgresStore) {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let hash = format!("tls-round-trip-{}-{n}", std::process::id());
-    store.add_admin_credential(&hash, 1).unwrap();
-    assert!(store.admin_credential_valid(&hash).unwrap());
-    assert!(!store.admin_credential_valid("no-such-hash").unwrap());
+    let ctx = devid_store::AuditCtx {
+        actor: "test".into(),
+        source: "local".into(),
+        now_ms: 1,
+    };
+    store
+        .add_admin_credential(&format!("rt-{n}"), devid_store::Role::Admin, &hash, &ctx)
+        .unwrap()
+        .unwrap();
+    assert!(store.admin_credential(&hash).unwrap().is_some());
+    assert!(store.admin_credential("no-such-hash").unwrap().is_none());
 }
 
 fn open_err(url: &str) -> String {
