@@ -20,8 +20,19 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
 
+    /// The root-owned device configuration holding the anchor (backend, PKCS#11 module,
+    /// TCTI). Missing: the device is unanchored (see `devid status`).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVID_CONFIG_FILE",
+        default_value = crate::anchor::DEFAULT_CONFIG_FILE,
+        value_name = "PATH"
+    )]
+    pub config_file: PathBuf,
+
     /// TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321. Given at run time
-    /// it overrides the one recorded at init.
+    /// it overrides the device configuration's, which overrides the one recorded at init.
     #[arg(long, global = true, env = "DEVID_TCTI")]
     pub tcti: Option<String>,
 
@@ -42,6 +53,12 @@ pub enum Command {
         after_help = "Examples:\n  devid init --backend tpm --tcti device:/dev/tpmrm0 --pcrs 7\n  devid init --backend pkcs11 --module /usr/lib/softhsm/libsofthsm2.so --token devid --pin-file /etc/devid/pin\n  devid init --backend soft"
     )]
     Init(InitArgs),
+    /// Write this device's backend, TCTI and PKCS#11 module into the device configuration
+    /// (the anchor), so an offline change of the state dir cannot swap them. Run as root.
+    #[command(
+        after_help = "Example:\n  sudo devid anchor\n  devid --config-file /etc/devid/devid.toml anchor"
+    )]
+    Anchor,
     /// Show backend, key fingerprint, identity, server and protection level (never a secret).
     #[command(after_help = "Example:\n  devid status --json")]
     Status {

@@ -15,11 +15,13 @@ use devid_keystore::{fingerprint, public_key_pem, BackendKind, Keystore, SecretB
 use devid_vault::{Contents, Vault};
 use serde_json::json;
 
+pub mod anchor;
 pub mod cli;
 pub mod enroll;
 pub mod logging;
 pub mod state;
 
+use anchor::{Anchor, DeviceConfig};
 use cli::{
     AgentArgs, Backend, Cli, Command, ConfigCommand, ConfigKey, InitArgs, SecretCommand, SendArgs,
 };
@@ -32,43 +34,136 @@ pub const MAX_SECRET_LEN: usize = 64 * 1024;
 pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.state_dir.as_path();
     let tcti = cli.tcti.as_deref();
+    // Commands that never open the keystore do not need the device configuration.
+    match &cli.command {
+        Command::Status { json, agent: true } => return agent_status(dir, *json),
+        Command::Send(args) => return send(args),
+        _ => {}
+    }
+    let cx = Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::load(&cli.config_file)?,
+    };
     match cli.command {
-        Command::Init(args) => init(dir, tcti, &args),
-        Command::Status { json, agent: true } => agent_status(dir, json),
-        Command::Status { json, agent: false } => status(dir, tcti, json),
+        Command::Init(args) => init(&cx, &args),
+        Command::Anchor => anchor_cmd(&cx),
+        Command::Status { json, .. } => status(&cx, json),
         Command::Pubkey => {
-            let (_, ks) = open_keystore(dir, tcti)?;
+            let (_, ks) = cx.open_keystore()?;
             print!("{}", public_key_pem(&ks.public_key()));
             Ok(())
         }
-        Command::Sign { base64 } => sign(dir, tcti, base64),
-        Command::Enroll(args) => enroll::run(dir, tcti, &args),
-        Command::Secret(cmd) => secret(dir, tcti, cmd),
-        Command::Config(cmd) => config(dir, tcti, cmd),
-        Command::Agent(args) => agent(dir, tcti, &args),
+        Command::Sign { base64 } => sign(&cx, base64),
+        Command::Enroll(args) => enroll::run(&cx, &args),
+        Command::Secret(cmd) => secret(&cx, cmd),
+        Command::Config(cmd) => config(&cx, cmd),
+        Command::Agent(args) => agent(&cx, &args),
         Command::Send(args) => send(&args),
     }
 }
 
-/// Open the keystore recorded in the state dir.
+/// What every command that opens the keystore works with: the state dir, the `--tcti` /
+/// `DEVID_TCTI` override and the device configuration (the anchor).
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The state dir.
+    pub dir: &'a Path,
+    /// `--tcti` / `DEVID_TCTI`.
+    pub tcti: Option<&'a str>,
+    /// The device configuration file, read and checked.
+    pub config: DeviceConfig,
+}
+
+impl Ctx<'_> {
+    /// Open the keystore recorded in the state dir, under the anchor.
+    pub fn open_keystore(&self) -> Result<(StateFile, Arc<dyn Keystore>)> {
+        let state = StateFile::require(self.dir)?;
+        let ks = state.open_keystore_with(self.dir, self.tcti, &self.config)?;
+        Ok((state, ks))
+    }
+
+    /// Open the keystore and the vault (bound to the state file's trust fields).
+    pub fn open_vault(&self) -> Result<(StateFile, Vault)> {
+        let (state, ks) = self.open_keystore()?;
+        let vault = Vault::open_bound(self.dir, ks, state.binding())?;
+        Ok((state, vault))
+    }
+}
+
+/// Open the keystore recorded in the state dir (no device configuration: unanchored).
 pub fn open_keystore(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Arc<dyn Keystore>)> {
-    let state = StateFile::require(dir)?;
-    let ks = state.open_keystore(dir, tcti)?;
-    Ok((state, ks))
+    Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::unanchored(),
+    }
+    .open_keystore()
 }
 
-/// Open the keystore and the vault.
+/// Open the keystore and the vault (no device configuration: unanchored).
 pub fn open_vault(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Vault)> {
-    let (state, ks) = open_keystore(dir, tcti)?;
-    let vault = Vault::open(dir, ks)?;
-    Ok((state, vault))
+    Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::unanchored(),
+    }
+    .open_vault()
 }
 
-fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
+/// The anchor describing `state` (with the TCTI and module it was opened with).
+fn anchor_for(state: &StateFile) -> Anchor {
+    Anchor {
+        backend: Some(state.backend),
+        tcti: state.tpm.as_ref().map(|t| t.tcti.clone()),
+        module: state.pkcs11.as_ref().map(|p| p.module.clone()),
+    }
+}
+
+fn anchor_cmd(cx: &Ctx<'_>) -> Result<()> {
+    let (state, _ks) = cx.open_keystore()?;
+    if let Some(a) = &cx.config.anchor {
+        println!(
+            "already anchored to the {} backend in {}",
+            a.backend.map(|b| b.as_str()).unwrap_or("?"),
+            cx.config.path.display()
+        );
+        return Ok(());
+    }
+    let mut anchor = anchor_for(&state);
+    if let (Some(t), BackendKind::Tpm) = (cx.tcti, state.backend) {
+        anchor.tcti = Some(t.to_string());
+    }
+    cx.config.write_anchor(&anchor)?;
+    println!(
+        "anchored this device to the {} backend in {}",
+        state.backend,
+        cx.config.path.display()
+    );
+    Ok(())
+}
+
+fn init(cx: &Ctx<'_>, args: &InitArgs) -> Result<()> {
+    let dir = cx.dir;
+    let wanted = match args.backend {
+        Backend::Tpm => BackendKind::Tpm,
+        Backend::Pkcs11 => BackendKind::Pkcs11,
+        Backend::Soft => BackendKind::Soft,
+    };
+    if let Some(anchored) = cx.config.backend() {
+        if anchored != wanted {
+            bail!(
+                "this device is anchored to the {anchored} backend ({}): refusing `devid init \
+                 --backend {wanted}`; use --backend {anchored}, or change the anchor in that \
+                 file first",
+                cx.config.path.display()
+            );
+        }
+    }
     if let Some(existing) = StateFile::read(dir)? {
         // Opening proves whether this state belongs to this device: a copied state dir gets
         // the keystore's "created on another TPM/token" error, not a generic one.
-        existing.open_keystore(dir, tcti)?;
+        existing.open_keystore_with(dir, cx.tcti, &cx.config)?;
         bail!(
             "{} already holds a devid vault ({} backend); remove the directory to start over \
              (the device must then be enrolled again)",
@@ -79,8 +174,8 @@ fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
     devid_keystore::fsutil::ensure_private_dir(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
 
-    let (state, ks) = create_keystore(dir, tcti, args)?;
-    if let Err(e) = Vault::create(dir, ks.clone()) {
+    let (state, ks) = create_keystore(cx, args)?;
+    if let Err(e) = Vault::create_bound(dir, ks.clone(), state.binding()) {
         cleanup_failed_init(dir);
         return Err(e.into());
     }
@@ -96,6 +191,20 @@ fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
         fingerprint(&ks.public_key()),
         ks.protection().summary()
     );
+    if cx.config.anchor.is_none() {
+        if cx.config.exists {
+            match cx.config.write_anchor(&anchor_for(&state)) {
+                Ok(()) => println!(
+                    "anchor: this device is now anchored to the {} backend in {}",
+                    state.backend,
+                    cx.config.path.display()
+                ),
+                Err(e) => eprintln!("devid: warning: {e:#}; {}", cx.config.unanchored_hint()),
+            }
+        } else {
+            println!("anchor: {}", cx.config.unanchored_hint());
+        }
+    }
     Ok(())
 }
 
@@ -110,14 +219,14 @@ fn cleanup_failed_init(dir: &Path) {
     }
 }
 
-fn create_keystore(
-    dir: &Path,
-    tcti: Option<&str>,
-    args: &InitArgs,
-) -> Result<(StateFile, Arc<dyn Keystore>)> {
+fn create_keystore(cx: &Ctx<'_>, args: &InitArgs) -> Result<(StateFile, Arc<dyn Keystore>)> {
+    let dir = cx.dir;
+    let anchored = cx.config.anchor.as_ref();
     match args.backend {
         Backend::Tpm => {
-            let tcti = tcti
+            let tcti = cx
+                .tcti
+                .or(anchored.and_then(|a| a.tcti.as_deref()))
                 .map(str::to_string)
                 .unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
             let pcrs = match &args.pcrs {
@@ -133,9 +242,21 @@ fn create_keystore(
             Ok((state, Arc::new(ks)))
         }
         Backend::Pkcs11 => {
-            let module = args.module.as_deref().context(
-                "--backend pkcs11 needs --module PATH (e.g. /usr/lib/softhsm/libsofthsm2.so)",
-            )?;
+            let anchored_module = anchored.and_then(|a| a.module.as_deref());
+            let module = match (args.module.as_deref(), anchored_module) {
+                (Some(m), Some(a)) if m != a => bail!(
+                    "this device is anchored to the PKCS#11 module {} ({}): refusing --module {}",
+                    a.display(),
+                    cx.config.path.display(),
+                    m.display()
+                ),
+                (Some(m), _) => m,
+                (None, Some(a)) => a,
+                (None, None) => bail!(
+                    "--backend pkcs11 needs --module PATH (e.g. /usr/lib/softhsm/libsofthsm2.so)"
+                ),
+            };
+            anchor::check_module(module, dir)?;
             let token = args
                 .token
                 .as_deref()
@@ -156,8 +277,12 @@ fn create_keystore(
     }
 }
 
-fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
-    let (state, vault) = open_vault(dir, tcti)?;
+fn status(cx: &Ctx<'_>, as_json: bool) -> Result<()> {
+    let dir = cx.dir;
+    let tcti = cx
+        .tcti
+        .or(cx.config.anchor.as_ref().and_then(|a| a.tcti.as_deref()));
+    let (state, vault) = cx.open_vault()?;
     let contents = vault.load()?;
     let ks = vault.keystore();
     let hygiene = devid_secmem::hygiene();
@@ -166,16 +291,31 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         .as_deref()
         .and_then(certificate_summary);
     let backend_detail = match state.backend {
-        BackendKind::Tpm => state.tpm.as_ref().map(|t| {
-            json!({"tcti": tcti.unwrap_or(&t.tcti), "srk_name": t.srk_name, "pcrs": t.pcrs})
-        }),
+        BackendKind::Tpm => state.tpm.as_ref().map(
+            |t| json!({"tcti": tcti.unwrap_or(&t.tcti), "srk_name": t.srk_name, "pcrs": t.pcrs}),
+        ),
         BackendKind::Pkcs11 => state.pkcs11.as_ref().map(|p| {
-            json!({"module": p.module, "token_label": p.token_label, "token_serial": p.token_serial})
+            let module = cx
+                .config
+                .anchor
+                .as_ref()
+                .and_then(|a| a.module.as_ref())
+                .unwrap_or(&p.module);
+            json!({"module": module, "token_label": p.token_label, "token_serial": p.token_serial})
         }),
         BackendKind::Soft => None,
     };
+    let anchor = match cx.config.backend() {
+        Some(b) => json!({"anchored": true, "backend": b, "config_file": cx.config.path}),
+        None => json!({
+            "anchored": false,
+            "config_file": cx.config.path,
+            "hint": cx.config.unanchored_hint(),
+        }),
+    };
     let v = json!({
         "state_dir": dir,
+        "anchor": anchor,
         "backend": state.backend,
         "backend_detail": backend_detail,
         "key_ref": ks.key_ref(),
@@ -199,6 +339,13 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
     let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "(not set)".into());
     println!("state dir:    {}", dir.display());
     println!("backend:      {}", state.backend);
+    match cx.config.backend() {
+        Some(b) => println!(
+            "anchor:       anchored to {b} by {}",
+            cx.config.path.display()
+        ),
+        None => println!("anchor:       UNANCHORED: {}", cx.config.unanchored_hint()),
+    }
     println!("key:          {} (ECDSA P-256)", ks.key_ref());
     println!("fingerprint:  {}", fingerprint(&ks.public_key()));
     println!("protection:   {}", ks.protection().summary());
@@ -382,9 +529,15 @@ pub fn agent_config(dir: &Path, args: &AgentArgs) -> Result<devid_agent::AgentCo
     Ok(cfg)
 }
 
-fn agent(dir: &Path, tcti: Option<&str>, args: &AgentArgs) -> Result<()> {
-    let cfg = agent_config(dir, args)?;
-    let (_, vault) = open_vault(dir, tcti)?;
+fn agent(cx: &Ctx<'_>, args: &AgentArgs) -> Result<()> {
+    let cfg = agent_config(cx.dir, args)?;
+    let (_, vault) = cx.open_vault()?;
+    match cx.config.backend() {
+        Some(b) => {
+            tracing::info!(backend = %b, config = %cx.config.path.display(), "device anchored")
+        }
+        None => tracing::warn!("{}", cx.config.unanchored_hint()),
+    }
     let end = devid_agent::run(cfg, vault)?;
     tracing::info!(
         pending = end.outbox.depth,
@@ -435,8 +588,8 @@ pub fn certificate_summary(chain_pem: &str) -> Option<serde_json::Value> {
     }))
 }
 
-fn sign(dir: &Path, tcti: Option<&str>, base64: bool) -> Result<()> {
-    let (_, ks) = open_keystore(dir, tcti)?;
+fn sign(cx: &Ctx<'_>, base64: bool) -> Result<()> {
+    let (_, ks) = cx.open_keystore()?;
     let mut msg = Vec::new();
     std::io::stdin()
         .read_to_end(&mut msg)
@@ -478,20 +631,21 @@ fn read_secret_stdin() -> Result<SecretBytes> {
     Ok(SecretBytes::from_slice(&buf.expose()[..len]))
 }
 
-fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
+fn secret(cx: &Ctx<'_>, cmd: SecretCommand) -> Result<()> {
     match cmd {
         SecretCommand::Put { name } => {
             devid_vault::validate_secret_name(&name)?;
             // Read the value before touching the chip, so a slow writer does not hold the TPM.
             let value = read_secret_stdin()?;
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents = vault.load()?;
-            contents.secrets.insert(name, value);
-            vault.store(&contents)?;
+            let (_, vault) = cx.open_vault()?;
+            vault.update(|contents| {
+                contents.secrets.insert(name, value);
+                Ok(())
+            })?;
             Ok(())
         }
         SecretCommand::Get { name } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let contents = vault.load()?;
             let value = contents
                 .secrets
@@ -503,7 +657,7 @@ fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
             Ok(())
         }
         SecretCommand::List { json } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let contents = vault.load()?;
             let names: Vec<&String> = contents.secrets.keys().collect();
             if json {
@@ -516,12 +670,11 @@ fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
             Ok(())
         }
         SecretCommand::Rm { name } => {
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents = vault.load()?;
-            if contents.secrets.remove(&name).is_none() {
+            let (_, vault) = cx.open_vault()?;
+            let removed = vault.update(|contents| Ok(contents.secrets.remove(&name).is_some()))?;
+            if !removed {
                 bail!("no secret named '{name}' (see `devid secret list`)");
             }
-            vault.store(&contents)?;
             Ok(())
         }
     }
@@ -549,23 +702,28 @@ pub fn normalise_pin(pin: &str) -> Result<String> {
     Ok(p)
 }
 
-fn config(dir: &Path, tcti: Option<&str>, cmd: ConfigCommand) -> Result<()> {
+fn config(cx: &Ctx<'_>, cmd: ConfigCommand) -> Result<()> {
     match cmd {
         ConfigCommand::Set { key, value } => {
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents: Contents = vault.load()?;
-            match key {
+            let set: Box<dyn FnOnce(&mut Contents)> = match key {
                 ConfigKey::Server => {
                     validate_server_url(&value)?;
-                    contents.server_url = Some(value);
+                    Box::new(move |c| c.server_url = Some(value))
                 }
-                ConfigKey::CaPin => contents.ca_pin = Some(normalise_pin(&value)?),
-            }
-            vault.store(&contents)?;
+                ConfigKey::CaPin => {
+                    let pin = normalise_pin(&value)?;
+                    Box::new(move |c| c.ca_pin = Some(pin))
+                }
+            };
+            let (_, vault) = cx.open_vault()?;
+            vault.update(|contents| {
+                set(contents);
+                Ok(())
+            })?;
             Ok(())
         }
         ConfigCommand::Show { json } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let c = vault.load()?;
             let v = json!({
                 "server": c.server_url, "mqtt": c.mqtt_url, "ca_pin": c.ca_pin,
