@@ -531,6 +531,7 @@ pub fn agent_config(dir: &Path, args: &AgentArgs) -> Result<devid_agent::AgentCo
 
 fn agent(cx: &Ctx<'_>, args: &AgentArgs) -> Result<()> {
     let cfg = agent_config(cx.dir, args)?;
+    flush_tpm_leftovers(cx)?;
     let (_, vault) = cx.open_vault()?;
     match cx.config.backend() {
         Some(b) => {
@@ -543,6 +544,43 @@ fn agent(cx: &Ctx<'_>, args: &AgentArgs) -> Result<()> {
         pending = end.outbox.depth,
         "devid agent stopped; pending messages stay in the outbox"
     );
+    Ok(())
+}
+
+/// On a TPM reached without a resource manager (swtpm, mssim, `device:/dev/tpm0`), a previous
+/// agent killed with `kill -9` (or by the OOM killer) left its objects and sessions loaded,
+/// and every later load would fail with "out of memory for object contexts". The agent is the
+/// TPM's only user on such a device (docs/agent.md), so it flushes them when it starts. No
+/// other command does: it could cut a running agent's objects.
+fn flush_tpm_leftovers(cx: &Ctx<'_>) -> Result<()> {
+    let Some(state) = StateFile::read(cx.dir)? else {
+        return Ok(());
+    };
+    anchor::check_backend(&cx.config, state.backend, cx.dir)?;
+    let Some(tpm) = state
+        .tpm
+        .as_ref()
+        .filter(|_| state.backend == BackendKind::Tpm)
+    else {
+        return Ok(());
+    };
+    let tcti = cx
+        .tcti
+        .or(cx.config.anchor.as_ref().and_then(|a| a.tcti.as_deref()))
+        .unwrap_or(&tpm.tcti);
+    if devid_keystore_tpm::tcti_has_resource_manager(tcti) {
+        return Ok(());
+    }
+    let flushed = devid_keystore_tpm::flush_leftovers(tcti)
+        .context("cannot flush the TPM objects a previous agent left behind")?;
+    if flushed != devid_keystore_tpm::Flushed::default() {
+        tracing::warn!(
+            objects = flushed.objects,
+            sessions = flushed.sessions,
+            "flushed TPM objects and sessions left by a previous process (no resource manager \
+             on this TCTI: did the agent crash or get killed?)"
+        );
+    }
     Ok(())
 }
 

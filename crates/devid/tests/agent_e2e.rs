@@ -179,7 +179,7 @@ fn tpm_agent_delivers_10000_messages_exactly_once_and_resumes_tls() {
 #[test]
 fn kill_9_at_random_points_every_acknowledged_message_is_stored_once() {
     let server = server_for_tests(None);
-    let (tpm, d) = tpm_device(&server, "tpm-agent-2");
+    let (_tpm, d) = tpm_device(&server, "tpm-agent-2");
     let mut agent = Agent::start(&d, &[]);
     let socket = agent.socket.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -207,20 +207,30 @@ fn kill_9_at_random_points_every_acknowledged_message_is_stored_once() {
         })
     };
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..4 {
+    // swtpm has no resource manager: each killed agent leaves its SRK, device key and session
+    // loaded. Nothing flushes them here; the restarted agent must (issue 12, item 3).
+    for round in 0..5 {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         std::thread::sleep(Duration::from_millis(300 + seed % 700));
         agent.kill9();
-        // The device's TPM resource manager (/dev/tpmrm0) flushes a dead process's objects;
-        // swtpm has none, so do it here.
-        let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
-        let _ = tpm.tpm2("tpm2_flushcontext", &["-l"]);
-        let _ = tpm.tpm2("tpm2_flushcontext", &["-s"]);
         std::thread::sleep(Duration::from_millis(100));
         agent.spawn();
+        let pid = agent.pid();
+        agent.wait_status(
+            &format!("reconnected after kill {}", round + 1),
+            Duration::from_secs(20),
+            |s| s["pid"] == pid && s["connection"]["state"] == "connected",
+        );
     }
+    assert!(
+        agent
+            .log_text()
+            .contains("flushed TPM objects and sessions left by a previous process"),
+        "{}",
+        agent.log_text()
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
     app.join().unwrap();
@@ -243,7 +253,7 @@ fn kill_9_at_random_points_every_acknowledged_message_is_stored_once() {
         "some message was stored twice"
     );
     println!(
-        "MEASURED kill -9 x4: {} acknowledged, all stored exactly once ({} stored in total)",
+        "MEASURED kill -9 x5 on swtpm without a resource manager: {} acknowledged, all stored exactly once ({} stored in total)",
         acked.len(),
         counts.len()
     );

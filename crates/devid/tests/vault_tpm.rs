@@ -198,3 +198,38 @@ fn no_tpm_is_a_clear_error() {
         r.stderr
     );
 }
+
+/// Issue 12 item 3: on a TPM without a resource manager, a full object memory (what a killed
+/// process leaves behind) is explained, and a plain command does not flush anything (only
+/// `devid agent` may: it could cut a running agent's objects).
+#[test]
+fn full_tpm_object_memory_is_explained_and_not_flushed_by_commands() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    let ctx = d.state.parent().unwrap().join("p.ctx");
+    let ctx = ctx.display().to_string();
+    // Another TPM user's leftovers: fill every transient object slot of swtpm.
+    let mut loaded = 0;
+    for _ in 0..8 {
+        let (ok, _, _) = tpm.tpm2("tpm2_createprimary", &["-C", "o", "-c", &ctx]);
+        if !ok {
+            break;
+        }
+        loaded += 1;
+    }
+    assert!(loaded >= 2, "could not fill the TPM ({loaded} objects)");
+    let r = d.run(&["status"]);
+    assert_ne!(r.code, 0, "status worked with a full TPM");
+    assert!(
+        r.stderr.contains("no free object slot") && r.stderr.contains("devid agent"),
+        "{}",
+        r.stderr
+    );
+    let (_, handles, _) = tpm.tpm2("tpm2_getcap", &["handles-transient"]);
+    assert_eq!(
+        handles.matches("0x80").count(),
+        loaded,
+        "a plain command flushed other users' objects: {handles}"
+    );
+}

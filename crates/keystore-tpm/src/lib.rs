@@ -145,7 +145,107 @@ fn backend_err(operation: &'static str, e: impl std::fmt::Display) -> KeystoreEr
 }
 
 fn tss(operation: &'static str) -> impl Fn(tss_esapi::Error) -> KeystoreError {
-    move |e| backend_err(operation, e)
+    move |e| tss_err(operation, e)
+}
+
+/// A TPM error, with TPM_RC_OBJECT_MEMORY / TPM_RC_SESSION_MEMORY explained: on a TPM without
+/// a resource manager a crashed process leaves its objects and sessions loaded.
+fn tss_err(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
+    if let tss_esapi::Error::Tss2Error(rc) = e {
+        let what = match rc.kind() {
+            Some(Tss2ResponseCodeKind::ObjectMemory) => Some("object"),
+            Some(Tss2ResponseCodeKind::SessionMemory) => Some("session"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return KeystoreError::Backend {
+                backend: "TPM",
+                operation,
+                detail: format!(
+                    "{e}: the TPM has no free {what} slot. Without a resource manager (swtpm, \
+                     mssim, device:/dev/tpm0) a process that died (kill -9, OOM) leaves its \
+                     objects and sessions loaded: `devid agent` flushes them when it starts; \
+                     otherwise run `tpm2_flushcontext -t -l -s` while no other TPM user runs, \
+                     or use /dev/tpmrm0"
+                ),
+            };
+        }
+    }
+    backend_err(operation, e)
+}
+
+/// Whether `tcti` reaches the TPM through a resource manager (the kernel's `/dev/tpmrm*`, or
+/// tpm2-abrmd), which flushes a dead client's objects and sessions by itself.
+pub fn tcti_has_resource_manager(tcti: &str) -> bool {
+    let t = tcti.trim();
+    if t.starts_with("tabrmd") {
+        return true;
+    }
+    match t.strip_prefix("device") {
+        // `device` alone means /dev/tpm0: no resource manager.
+        Some(rest) => rest.contains("tpmrm"),
+        None => false,
+    }
+}
+
+/// What [`flush_leftovers`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Transient objects.
+    pub objects: usize,
+    /// Loaded or saved sessions.
+    pub sessions: usize,
+}
+
+/// On a TCTI without a resource manager ([`tcti_has_resource_manager`]), flush every transient
+/// object and session left in the TPM, e.g. by a previous agent killed with `kill -9`. Does
+/// nothing through a resource manager.
+///
+/// This cuts the objects of *every* TPM user, so only a process that is the TPM's sole user
+/// may call it: `devid agent` at start (docs/agent.md says so), never the other commands.
+pub fn flush_leftovers(tcti: &str) -> Result<Flushed, KeystoreError> {
+    use tss_esapi::constants::tss::{
+        TPM2_ACTIVE_SESSION_FIRST, TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST,
+    };
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let mut out = Flushed::default();
+    if tcti_has_resource_manager(tcti) {
+        return Ok(out);
+    }
+    let mut ctx = connect(tcti)?;
+    for (first, session) in [
+        (TPM2_TRANSIENT_FIRST, false),
+        (TPM2_LOADED_SESSION_FIRST, true),
+        (TPM2_ACTIVE_SESSION_FIRST, true),
+    ] {
+        let (data, _more) = ctx
+            .get_capability(CapabilityType::Handles, first, 64)
+            .map_err(tss("list leftover handles"))?;
+        let CapabilityData::Handles(list) = data else {
+            continue;
+        };
+        for h in list.into_inner() {
+            // Stay within the range asked for (a TPM lists from `first` onwards).
+            if u32::from(h) >> 24 != first >> 24 {
+                continue;
+            }
+            let raw = u32::from(h);
+            let flushed = ctx
+                .tr_from_tpm_public(h)
+                .and_then(|obj| ctx.flush_context(obj));
+            if let Err(e) = flushed {
+                tracing::warn!(handle = format!("{raw:#010x}"), error = %e, "cannot flush a leftover TPM handle");
+                continue;
+            }
+            if session {
+                out.sessions += 1;
+            } else {
+                out.objects += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The standard ECC P-256 storage key template (TCG "SRK template", as made by
@@ -421,7 +521,7 @@ fn load_error(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
             };
         }
     }
-    backend_err(operation, e)
+    tss_err(operation, e)
 }
 
 fn short(hex_name: &str) -> String {
@@ -775,5 +875,30 @@ pub mod danger {
             .ctx
             .tr_sess_set_attributes(session, attrs, mask)
             .map_err(tss("set session attributes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcti_has_resource_manager;
+
+    #[test]
+    fn resource_manager_is_recognised_from_the_tcti() {
+        for with_rm in [
+            "device:/dev/tpmrm0",
+            "device:/dev/tpmrm1",
+            "tabrmd:",
+            "tabrmd",
+        ] {
+            assert!(tcti_has_resource_manager(with_rm), "{with_rm}");
+        }
+        for without in [
+            "device:/dev/tpm0",
+            "device",
+            "swtpm:host=127.0.0.1,port=2321",
+            "mssim:host=localhost,port=2321",
+        ] {
+            assert!(!tcti_has_resource_manager(without), "{without}");
+        }
     }
 }
