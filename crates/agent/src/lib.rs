@@ -47,6 +47,9 @@ use devid_tls::KeystoreSigningKey;
 use devid_vault::Vault;
 use tokio::sync::{watch, Notify};
 
+/// The purpose string of the outbox MAC key ([`devid_vault::Vault::derive_key`]).
+pub const OUTBOX_MAC_PURPOSE: &str = "agent outbox record mac v1";
+
 pub mod backoff;
 pub mod local;
 pub mod mqtt;
@@ -263,7 +266,11 @@ pub async fn run_async(
     }
 
     let outbox = tokio::task::spawn_blocking({
-        let c = cfg.outbox.clone();
+        let mut c = cfg.outbox.clone();
+        // Records are authenticated with a key derived from the vault (not the data key
+        // itself), held in locked memory for the agent's lifetime: an offline write to the
+        // outbox cannot inject or change a reading (review M4).
+        c.mac_key = Some(Arc::new(vault.derive_key(OUTBOX_MAC_PURPOSE)));
         move || Outbox::open(c)
     })
     .await

@@ -436,8 +436,14 @@ fn print_agent_status(v: &serde_json::Value) {
     }
     let o = &v["outbox"];
     println!(
-        "  outbox:     {} waiting ({} bytes); dropped {} full / {} too old; refused {} (full)",
-        o["depth"], o["bytes"], o["dropped_full"], o["dropped_age"], o["refused_full"]
+        "  outbox:     {} waiting ({} bytes); dropped {} full / {} too old; refused {} (full); \
+         {} records failed authentication (never sent)",
+        o["depth"],
+        o["bytes"],
+        o["dropped_full"],
+        o["dropped_age"],
+        o["refused_full"],
+        o["refused_unauthenticated"]
     );
     let m = &v["mqtt"];
     println!(

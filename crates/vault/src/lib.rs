@@ -879,6 +879,26 @@ impl Vault {
         Ok(())
     }
 
+    /// A 32-byte key for one `purpose`, derived from the data key (HMAC-SHA256 keyed with
+    /// the data key over `"devid vault subkey v1\0" || purpose`, i.e. one HKDF-Expand block),
+    /// in locked, zeroized memory. It reveals nothing about the data key or about the keys of
+    /// other purposes, and it is the same on every open of this vault. The agent keys its
+    /// outbox record MACs with it.
+    pub fn derive_key(&self, purpose: &str) -> SecretBytes {
+        use hmac::{Hmac, Mac};
+        let mut out = SecretBytes::zeroed(32);
+        // HMAC accepts keys of any length, so this cannot fail for a 32-byte data key.
+        if let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(self.data_key.expose()) {
+            mac.update(b"devid vault subkey v1\0");
+            mac.update(purpose.as_bytes());
+            let tag = mac.finalize().into_bytes();
+            out.expose_mut().copy_from_slice(&tag);
+            let mut tag: [u8; 32] = tag.into();
+            tag.zeroize();
+        }
+        out
+    }
+
     /// The state dir of this vault.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -1019,6 +1039,19 @@ mod tests {
         let unbound = seal_bundle(v.data_key.expose(), &c).unwrap();
         std::fs::write(d.path().join(BUNDLE_FILE), unbound).unwrap();
         assert!(matches!(v.load(), Err(VaultError::Tampered)));
+    }
+
+    #[test]
+    fn derived_keys_are_stable_per_purpose_and_not_the_data_key() {
+        let d = tempfile::tempdir().unwrap();
+        let ks: Arc<dyn Keystore> = Arc::new(SoftKeystore::create(d.path()).unwrap());
+        let v = Vault::create(d.path(), ks.clone()).unwrap();
+        let a = v.derive_key("outbox");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a.expose(), v.data_key.expose());
+        assert_ne!(a.expose(), v.derive_key("other").expose());
+        let reopened = Vault::open(d.path(), ks).unwrap();
+        assert_eq!(reopened.derive_key("outbox").expose(), a.expose());
     }
 
     #[test]
