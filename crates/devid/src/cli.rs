@@ -195,8 +195,12 @@ pub struct InitArgs {
     #[arg(long, value_enum)]
     pub backend: Backend,
     /// TPM: bind the bundle key to these PCRs (SHA-256 bank), e.g. `7` or `0,2,4,7`.
+    /// PCRs 16-23 can be reset by software and are refused unless --allow-resettable-pcrs.
     #[arg(long, value_name = "LIST")]
     pub pcrs: Option<String>,
+    /// TPM: accept PCRs 16-23 in --pcrs although software can reset them (tests only).
+    #[arg(long)]
+    pub allow_resettable_pcrs: bool,
     /// PKCS#11: the module (shared library) path.
     #[arg(long, value_name = "PATH")]
     pub module: Option<PathBuf>,

@@ -235,7 +235,11 @@ fn create_keystore(cx: &Ctx<'_>, args: &InitArgs) -> Result<(StateFile, Arc<dyn 
             };
             let (ks, cfg) = devid_keystore_tpm::TpmKeystore::create(
                 dir,
-                &devid_keystore_tpm::TpmInitOptions { tcti, pcrs },
+                &devid_keystore_tpm::TpmInitOptions {
+                    tcti,
+                    pcrs,
+                    allow_resettable_pcrs: args.allow_resettable_pcrs,
+                },
             )?;
             let mut state = StateFile::new(BackendKind::Tpm);
             state.tpm = Some(cfg);

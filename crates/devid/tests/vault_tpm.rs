@@ -167,12 +167,12 @@ fn cli_flow_through_a_bus_probe_shows_no_secret() {
 fn pcr_bound_vault_refuses_after_extend() {
     let tpm = Swtpm::start();
     let d = Devid::new().tcti(&tpm.tcti());
-    d.run(&["init", "--backend", "tpm", "--pcrs", "16"]).ok();
+    d.run(&["init", "--backend", "tpm", "--pcrs", "8"]).ok();
     d.run_stdin(&["secret", "put", "s"], b"pcr-secret").ok();
     assert_eq!(d.run(&["secret", "get", "s"]).ok().stdout, b"pcr-secret");
     let (ok, _, err) = tpm.tpm2(
         "tpm2_pcrextend",
-        &["16:sha256=1111111111111111111111111111111111111111111111111111111111111111"],
+        &["8:sha256=1111111111111111111111111111111111111111111111111111111111111111"],
     );
     assert!(ok, "{err}");
     let r = d.run(&["secret", "get", "s"]);
@@ -232,4 +232,82 @@ fn full_tpm_object_memory_is_explained_and_not_flushed_by_commands() {
         loaded,
         "a plain command flushed other users' objects: {handles}"
     );
+}
+
+/// Review M5: PCRs 16-23 can be reset by software, so a binding to them proves nothing;
+/// `devid init` refuses them unless explicitly allowed.
+#[test]
+fn resettable_pcrs_are_refused_unless_allowed() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    for list in ["16", "7,23"] {
+        let r = d.run(&["init", "--backend", "tpm", "--pcrs", list]);
+        assert_ne!(r.code, 0, "--pcrs {list} accepted");
+        assert!(
+            r.stderr.contains("can be reset by software"),
+            "{}",
+            r.stderr
+        );
+        assert!(!d.state.join("state.toml").exists());
+    }
+    d.run(&[
+        "init",
+        "--backend",
+        "tpm",
+        "--pcrs",
+        "16",
+        "--allow-resettable-pcrs",
+    ])
+    .ok();
+}
+
+/// Review L1: a persistent key at 0x81000001 is used as the SRK only if it has the standard
+/// template; another key there (here an RSA primary) is refused at init, clearly.
+#[test]
+fn persistent_srk_of_another_template_is_refused() {
+    let tpm = Swtpm::start();
+    let ctx = tpm.state_dir().join("p.ctx").display().to_string();
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "rsa2048", "-c", &ctx],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, "0x81000001"]);
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    let d = Devid::new().tcti(&tpm.tcti());
+    let r = d.run(&["init", "--backend", "tpm"]);
+    assert_ne!(r.code, 0, "init used a non-standard persistent SRK");
+    assert!(
+        r.stderr
+            .contains("does not match the standard storage key template"),
+        "{}",
+        r.stderr
+    );
+
+    // The standard SRK there is used.
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-G",
+            "ecc256:aes128cfb",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+            "-c",
+            &ctx,
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, "0x81000001"]);
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    let e = Devid::new().tcti(&tpm.tcti());
+    e.run(&["init", "--backend", "tpm"]).ok();
+    let state = std::fs::read_to_string(e.state.join("state.toml")).unwrap();
+    assert!(state.contains("srk_handle = 2164260865"), "{state}");
+    e.round_trip();
 }

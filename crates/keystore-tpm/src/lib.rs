@@ -81,9 +81,16 @@ pub struct TpmInitOptions {
     pub tcti: String,
     /// PCRs (SHA-256 bank) to bind sealing to.
     pub pcrs: Vec<u8>,
+    /// Accept PCRs 16-23, which software can reset (review M5): a binding to them proves
+    /// nothing about the boot. Off by default.
+    pub allow_resettable_pcrs: bool,
 }
 
-/// Parse a PCR list such as `7` or `0,2,4,7` or `16`.
+/// First PCR of the range the PC Client profile lets software reset (16 debug, 23
+/// application, and 17-22 from the dynamic-launch localities).
+pub const FIRST_RESETTABLE_PCR: u8 = 16;
+
+/// Parse a PCR list such as `7` or `0,2,4,7`.
 pub fn parse_pcr_list(s: &str) -> Result<Vec<u8>, KeystoreError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -392,14 +399,24 @@ fn connect(tcti: &str) -> Result<Context, KeystoreError> {
 }
 
 /// Get the SRK: the persistent one if asked for, else create the primary from the template.
-fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, KeystoreError> {
+/// `check_template`: refuse a persistent key whose public area is not the standard template
+/// (at init; on open the pinned Name, a hash of the whole public area, already covers it).
+fn load_srk(
+    ctx: &mut Context,
+    handle: Option<u32>,
+    check_template: bool,
+) -> Result<KeyHandle, KeystoreError> {
     match handle {
         Some(h) => {
             let ph = PersistentTpmHandle::new(h).map_err(tss("persistent SRK handle"))?;
             let obj = ctx
                 .tr_from_tpm_public(TpmHandle::Persistent(ph))
                 .map_err(tss("read persistent SRK"))?;
-            Ok(KeyHandle::from(obj))
+            let key = KeyHandle::from(obj);
+            if check_template {
+                check_srk_template(ctx, key, h)?;
+            }
+            Ok(key)
         }
         None => {
             // CreatePrimary carries no secret (empty auth, empty sensitive data): a password
@@ -411,6 +428,54 @@ fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, Keystor
             })?;
             Ok(result.key_handle)
         }
+    }
+}
+
+/// Use a persistent key as the SRK only if its public area is the standard ECC P-256 SRK
+/// template (everything but the public point): a key of another template (say, one an
+/// attacker provisioned with a known policy, or a signing key) is refused (review L1).
+fn check_srk_template(ctx: &mut Context, key: KeyHandle, handle: u32) -> Result<(), KeystoreError> {
+    let (public, _, _) = ctx
+        .read_public(key)
+        .map_err(tss("read persistent SRK public area"))?;
+    let want = srk_template()?;
+    let same = match (&public, &want) {
+        (
+            Public::Ecc {
+                object_attributes: a1,
+                name_hashing_algorithm: n1,
+                auth_policy: p1,
+                parameters: e1,
+                ..
+            },
+            Public::Ecc {
+                object_attributes: a2,
+                name_hashing_algorithm: n2,
+                auth_policy: p2,
+                parameters: e2,
+                ..
+            },
+        ) => {
+            // noDA only changes dictionary-attack accounting of an empty-auth key; tpm2-tools
+            // creates primaries without it by default, the TCG template has it.
+            let no_da = tss_esapi::constants::tss::TPMA_OBJECT_NODA;
+            let attrs = |a: &tss_esapi::attributes::ObjectAttributes| {
+                tss_esapi::tss2_esys::TPMA_OBJECT::from(*a) & !no_da
+            };
+            attrs(a1) == attrs(a2) && n1 == n2 && p1 == p2 && e1 == e2
+        }
+        _ => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(KeystoreError::Config(format!(
+            "the persistent key at {handle:#010x} does not match the standard storage key \
+             template (ECC P-256, AES-128-CFB, fixedTPM|fixedParent|sensitiveDataOrigin|\
+             userWithAuth|restricted|decrypt with or without noDA, empty policy): devid will not use it as its \
+             SRK. Evict it (tpm2_evictcontrol -C o -c {handle:#010x}) or provision the \
+             standard SRK there (tpm2_createprimary -C o -G ecc256:aes128cfb)"
+        )))
     }
 }
 
@@ -470,7 +535,7 @@ impl Inner {
         key_file: TpmKeyFile,
     ) -> Result<Inner, KeystoreError> {
         let mut ctx = connect(tcti)?;
-        let srk = load_srk(&mut ctx, config.srk_handle)?;
+        let srk = load_srk(&mut ctx, config.srk_handle, false)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
         if name != config.srk_name {
             return Err(KeystoreError::OtherDevice {
@@ -542,9 +607,21 @@ impl TpmKeystore {
                 key_path.display()
             )));
         }
+        if let Some(p) = opts
+            .pcrs
+            .iter()
+            .find(|p| **p >= FIRST_RESETTABLE_PCR)
+            .filter(|_| !opts.allow_resettable_pcrs)
+        {
+            return Err(KeystoreError::Config(format!(
+                "PCR {p} can be reset by software (PCRs {FIRST_RESETTABLE_PCR}-23), so binding \
+                 the data key to it proves nothing about the boot; choose PCRs 0-15 (e.g. 7 for \
+                 Secure Boot), or allow it explicitly (devid init --allow-resettable-pcrs)"
+            )));
+        }
         let mut ctx = connect(&opts.tcti)?;
         let srk_handle = persistent_srk_present(&mut ctx).then_some(SRK_PERSISTENT_HANDLE);
-        let srk = load_srk(&mut ctx, srk_handle)?;
+        let srk = load_srk(&mut ctx, srk_handle, true)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
         let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
         let created = ctx.execute_with_session(Some(session), |ctx| {
