@@ -333,7 +333,11 @@ fn status(cx: &Ctx<'_>, as_json: bool) -> Result<()> {
         "ca_pin": contents.ca_pin,
         "certificate": cert,
         "secret_count": contents.secrets.len(),
-        "process": {"dumpable": hygiene.dumpable, "core_limit": hygiene.core_limit},
+        "process": {
+            "dumpable": hygiene.dumpable,
+            "core_limit": hygiene.core_limit,
+            "secrets_locked": vault.key_locked(),
+        },
         "agent": agent_status_json(dir),
     });
     if as_json {
@@ -370,6 +374,14 @@ fn status(cx: &Ctx<'_>, as_json: bool) -> Result<()> {
         "process:      dumpable={} core_limit={}",
         hygiene.dumpable, hygiene.core_limit
     );
+    if vault.key_locked() {
+        println!("memory:       secrets locked in RAM (mlock)");
+    } else {
+        println!(
+            "memory:       WARNING: mlock failed, unsealed secrets may be written to swap \
+             (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=1M in the unit, or disable swap)"
+        );
+    }
     print_agent_status(&v["agent"]);
     Ok(())
 }

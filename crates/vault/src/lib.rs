@@ -899,12 +899,62 @@ impl Vault {
         out
     }
 
+    /// Whether the unsealed data key is locked in RAM (mlock succeeded). `false` means it
+    /// could be written to swap: raise `RLIMIT_MEMLOCK` (`LimitMEMLOCK=` in the unit).
+    pub fn key_locked(&self) -> bool {
+        self.data_key.is_locked()
+    }
+
+    /// What it takes to open this vault again later ([`VaultOpener::open`]) without keeping
+    /// the data key in memory meanwhile: a long-running process (the agent) drops the
+    /// [`Vault`] once it has what it needs, and unseals again only when it writes.
+    pub fn opener(&self) -> VaultOpener {
+        VaultOpener {
+            dir: self.dir.clone(),
+            keystore: Arc::clone(&self.keystore),
+            state_binding: self.state_binding,
+        }
+    }
+
     /// The state dir of this vault.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The keystore that sealed the data key.
+    pub fn keystore(&self) -> &Arc<dyn Keystore> {
+        &self.keystore
+    }
+}
+
+/// A closed vault: its state dir, keystore and state binding, but no data key. See
+/// [`Vault::opener`].
+#[derive(Clone)]
+pub struct VaultOpener {
+    dir: PathBuf,
+    keystore: Arc<dyn Keystore>,
+    state_binding: Option<[u8; STATE_BINDING_LEN]>,
+}
+
+impl fmt::Debug for VaultOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultOpener")
+            .field("dir", &self.dir)
+            .field("keystore", &self.keystore.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VaultOpener {
+    /// Unseal the data key again and open the vault, with the same state binding.
+    pub fn open(&self) -> Result<Vault, VaultError> {
+        match self.state_binding {
+            Some(b) => Vault::open_bound(&self.dir, Arc::clone(&self.keystore), b),
+            None => Vault::open(&self.dir, Arc::clone(&self.keystore)),
+        }
+    }
+
+    /// The keystore.
     pub fn keystore(&self) -> &Arc<dyn Keystore> {
         &self.keystore
     }
