@@ -194,7 +194,8 @@ pub struct InitArgs {
     /// Where the device key is created.
     #[arg(long, value_enum)]
     pub backend: Backend,
-    /// TPM: bind the bundle key to these PCRs (SHA-256 bank), e.g. `7` or `0,2,4,7`.
+    /// TPM: bind the bundle key's unseal and the device key's use (signing) to these PCRs
+    /// (SHA-256 bank, PolicyPCR), e.g. `7` or `0,2,4,7`.
     /// PCRs 16-23 can be reset by software and are refused unless --allow-resettable-pcrs.
     #[arg(long, value_name = "LIST")]
     pub pcrs: Option<String>,

@@ -239,6 +239,8 @@ fn create_keystore(cx: &Ctx<'_>, args: &InitArgs) -> Result<(StateFile, Arc<dyn 
                     tcti,
                     pcrs,
                     allow_resettable_pcrs: args.allow_resettable_pcrs,
+                    // --pcrs binds the device key's use too: a modified OS cannot sign.
+                    bind_key_to_pcrs: true,
                 },
             )?;
             let mut state = StateFile::new(BackendKind::Tpm);
@@ -295,9 +297,14 @@ fn status(cx: &Ctx<'_>, as_json: bool) -> Result<()> {
         .as_deref()
         .and_then(certificate_summary);
     let backend_detail = match state.backend {
-        BackendKind::Tpm => state.tpm.as_ref().map(
-            |t| json!({"tcti": tcti.unwrap_or(&t.tcti), "srk_name": t.srk_name, "pcrs": t.pcrs}),
-        ),
+        BackendKind::Tpm => state.tpm.as_ref().map(|t| {
+            json!({
+                "tcti": tcti.unwrap_or(&t.tcti),
+                "srk_name": t.srk_name,
+                "pcrs": t.pcrs,
+                "key_pcrs": t.key_pcrs,
+            })
+        }),
         BackendKind::Pkcs11 => state.pkcs11.as_ref().map(|p| {
             let module = cx
                 .config

@@ -97,8 +97,8 @@ impl StateFile {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// SHA-256 over the trust-relevant fields: backend, TPM SRK handle and Name, PCR list and
-    /// key file, PKCS#11 token label, serial and key id. Not covered (runtime choices that
+    /// SHA-256 over the trust-relevant fields: backend, TPM SRK handle and Name, PCR lists
+    /// (data key and device key) and key file, PKCS#11 token label, serial and key id. Not covered (runtime choices that
     /// the device configuration overrides): TCTI, module path, PIN file.
     pub fn binding(&self) -> [u8; 32] {
         fn field(h: &mut Sha256, name: &str, value: &str) {
@@ -120,6 +120,10 @@ impl StateFile {
             let pcrs: Vec<String> = t.pcrs.iter().map(u8::to_string).collect();
             field(&mut h, "tpm.pcrs", &pcrs.join(","));
             field(&mut h, "tpm.key_file", &t.key_file);
+            if !t.key_pcrs.is_empty() {
+                let key_pcrs: Vec<String> = t.key_pcrs.iter().map(u8::to_string).collect();
+                field(&mut h, "tpm.key_pcrs", &key_pcrs.join(","));
+            }
         }
         if let Some(p) = &self.pkcs11 {
             field(&mut h, "pkcs11.token_label", &p.token_label);

@@ -185,6 +185,36 @@ fn pcr_bound_vault_refuses_after_extend() {
     assert!(r.stdout.is_empty());
 }
 
+/// Review M1/M5: with `--pcrs` the device key's use is PCR-bound as well: after a changed
+/// boot (an extended PCR) the key no longer signs, so a modified OS cannot authenticate as
+/// the device, while the public key stays readable.
+#[test]
+fn pcr_bound_device_key_refuses_to_sign_after_extend() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm", "--pcrs", "8"]).ok();
+    let key = d.public_key();
+    let sig = d.run_stdin(&["sign"], b"good boot").ok().stdout;
+    let sig = p256::ecdsa::Signature::from_der(&sig).unwrap();
+    assert!(devid_keystore::verify(&key, b"good boot", &sig));
+    let state = std::fs::read_to_string(d.state.join("state.toml")).unwrap();
+    assert!(state.contains("key_pcrs = [8]"), "{state}");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_pcrextend",
+        &["8:sha256=2222222222222222222222222222222222222222222222222222222222222222"],
+    );
+    assert!(ok, "{err}");
+    let r = d.run_stdin(&["sign"], b"modified boot");
+    assert_ne!(r.code, 0, "the device key signed after the boot changed");
+    assert!(
+        r.stderr.contains("PCR policy not satisfied"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+    assert_eq!(d.public_key(), key);
+}
+
 #[test]
 fn no_tpm_is_a_clear_error() {
     let port = devid_testkit::free_port_pair();

@@ -72,6 +72,10 @@ pub struct TpmConfig {
     pub pcrs: Vec<u8>,
     /// The key file, relative to the state dir.
     pub key_file: String,
+    /// PCRs (SHA-256 bank) the device key's *use* is bound to (PolicyPCR): with a changed
+    /// boot the key no longer signs. Empty for none (vaults made before this existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_pcrs: Vec<u8>,
 }
 
 /// Options for [`TpmKeystore::create`].
@@ -84,6 +88,9 @@ pub struct TpmInitOptions {
     /// Accept PCRs 16-23, which software can reset (review M5): a binding to them proves
     /// nothing about the boot. Off by default.
     pub allow_resettable_pcrs: bool,
+    /// Also bind the device key's use to `pcrs` (PolicyPCR; the key has no auth value path:
+    /// userWithAuth is clear), so a modified OS cannot sign with it.
+    pub bind_key_to_pcrs: bool,
 }
 
 /// First PCR of the range the PC Client profile lets software reset (16 debug, 23
@@ -285,12 +292,13 @@ fn srk_template() -> Result<Public, KeystoreError> {
         .map_err(tss("build SRK template"))
 }
 
-fn device_key_template() -> Result<Public, KeystoreError> {
+fn device_key_template(policy: Option<Digest>) -> Result<Public, KeystoreError> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
+        // With a PCR policy the key is usable only through it, never with its (empty) auth.
+        .with_user_with_auth(policy.is_none())
         .with_sign_encrypt(true)
         .with_decrypt(false)
         .with_restricted(false)
@@ -309,6 +317,7 @@ fn device_key_template() -> Result<Public, KeystoreError> {
             .map_err(tss("build key template"))?,
         )
         .with_ecc_unique_identifier(EccPoint::default())
+        .with_auth_policy(policy.unwrap_or_default())
         .build()
         .map_err(tss("build key template"))
 }
@@ -589,6 +598,25 @@ fn load_error(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
     tss_err(operation, e)
 }
 
+/// A PolicyPCR failure is [`KeystoreError::PolicyNotSatisfied`]; anything else a TPM error.
+fn pcr_policy_error(operation: &'static str, pcrs: &[u8], e: tss_esapi::Error) -> KeystoreError {
+    match e {
+        tss_esapi::Error::Tss2Error(rc)
+            if matches!(
+                rc.kind(),
+                Some(Tss2ResponseCodeKind::PolicyFail)
+                    | Some(Tss2ResponseCodeKind::PcrChanged)
+                    | Some(Tss2ResponseCodeKind::Value)
+            ) =>
+        {
+            KeystoreError::PolicyNotSatisfied {
+                pcrs: pcr_list_string(pcrs),
+            }
+        }
+        e => backend_err(operation, e),
+    }
+}
+
 fn short(hex_name: &str) -> String {
     hex_name.chars().take(16).collect::<String>() + "…"
 }
@@ -623,10 +651,27 @@ impl TpmKeystore {
         let srk_handle = persistent_srk_present(&mut ctx).then_some(SRK_PERSISTENT_HANDLE);
         let srk = load_srk(&mut ctx, srk_handle, true)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
+        let key_pcrs = if opts.bind_key_to_pcrs {
+            opts.pcrs.clone()
+        } else {
+            Vec::new()
+        };
+        let key_policy = if key_pcrs.is_empty() {
+            None
+        } else {
+            Some(Self::policy_digest(&mut ctx, &key_pcrs)?)
+        };
         let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
         let created = ctx.execute_with_session(Some(session), |ctx| {
-            ctx.create(srk, device_key_template()?, None, None, None, None)
-                .map_err(tss("create device key"))
+            ctx.create(
+                srk,
+                device_key_template(key_policy)?,
+                None,
+                None,
+                None,
+                None,
+            )
+            .map_err(tss("create device key"))
         })?;
         let public_bytes = created
             .out_public
@@ -646,6 +691,7 @@ impl TpmKeystore {
             srk_name: name,
             pcrs: opts.pcrs.clone(),
             key_file: KEY_FILE.into(),
+            key_pcrs,
         };
         let inner = Inner {
             ctx,
@@ -704,10 +750,9 @@ impl TpmKeystore {
             .map_err(|_| backend_err("lock", "a previous TPM operation panicked"))
     }
 
-    fn policy_digest(inner: &mut Inner, pcrs: &[u8]) -> Result<Digest, KeystoreError> {
+    fn policy_digest(ctx: &mut Context, pcrs: &[u8]) -> Result<Digest, KeystoreError> {
         let selection = pcr_selection(pcrs)?;
-        let (_, read_sel, digests) = inner
-            .ctx
+        let (_, read_sel, digests) = ctx
             .execute_without_session(|ctx| ctx.pcr_read(selection.clone()))
             .map_err(tss("read PCRs"))?;
         if read_sel != selection {
@@ -720,8 +765,7 @@ impl TpmKeystore {
             h.update(d.value());
         }
         let pcr_digest = Digest::try_from(h.finalize().to_vec()).map_err(tss("PCR digest"))?;
-        let trial = inner
-            .ctx
+        let trial = ctx
             .start_auth_session(
                 None,
                 None,
@@ -733,16 +777,13 @@ impl TpmKeystore {
             .map_err(tss("start trial session"))?
             .ok_or_else(|| backend_err("start trial session", "TPM returned no session"))?;
         let policy = PolicySession::try_from(trial).map_err(tss("trial session"))?;
-        let result = inner
-            .ctx
+        let result = ctx
             .execute_without_session(|ctx| {
                 ctx.policy_pcr(policy, pcr_digest, selection)?;
                 ctx.policy_get_digest(policy)
             })
             .map_err(tss("compute PCR policy"));
-        let _ = inner
-            .ctx
-            .flush_context(ObjectHandle::from(SessionHandle::from(trial)));
+        let _ = ctx.flush_context(ObjectHandle::from(SessionHandle::from(trial)));
         result
     }
 }
@@ -818,20 +859,41 @@ impl Keystore for TpmKeystore {
             digest: Default::default(),
         })
         .map_err(tss("hashcheck ticket"))?;
-        let session = inner.session;
-        let sig = inner
-            .ctx
-            .execute_with_session(Some(session), |ctx| {
-                ctx.sign(
-                    key,
-                    digest,
-                    SignatureScheme::EcDsa {
-                        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-                    },
-                    validation,
-                )
-            })
-            .map_err(tss("sign"))?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let sig = if self.config.key_pcrs.is_empty() {
+            let session = inner.session;
+            inner
+                .ctx
+                .execute_with_session(Some(session), |ctx| {
+                    ctx.sign(key, digest, scheme, validation)
+                })
+                .map_err(tss("sign"))?
+        } else {
+            // The key signs only in a policy session that satisfied PolicyPCR (salted and
+            // parameter-encrypted like every other session).
+            let pcrs = self.config.key_pcrs.as_slice();
+            let selection = pcr_selection(pcrs)?;
+            let srk = inner.srk;
+            let param_encryption = inner.param_encryption;
+            let psession =
+                start_salted_session(&mut inner.ctx, srk, SessionType::Policy, param_encryption)?;
+            let policy = PolicySession::try_from(psession).map_err(tss("policy session"))?;
+            let r = inner
+                .ctx
+                .execute_without_session(|ctx| ctx.policy_pcr(policy, Digest::default(), selection))
+                .and_then(|_| {
+                    inner.ctx.execute_with_session(Some(psession), |ctx| {
+                        ctx.sign(key, digest, scheme, validation)
+                    })
+                })
+                .map_err(|e| pcr_policy_error("sign", pcrs, e));
+            let _ = inner
+                .ctx
+                .flush_context(ObjectHandle::from(SessionHandle::from(psession)));
+            r?
+        };
         match sig {
             tss_esapi::structures::Signature::EcDsa(ecc) => devid_keystore::signature_from_scalars(
                 ecc.signature_r().value(),
@@ -847,7 +909,7 @@ impl Keystore for TpmKeystore {
         let policy = if pcrs.is_empty() {
             None
         } else {
-            Some(Self::policy_digest(&mut inner, &pcrs)?)
+            Some(Self::policy_digest(&mut inner.ctx, &pcrs)?)
         };
         let data =
             SensitiveData::try_from(secret.to_vec()).map_err(tss("secret too large to seal"))?;
@@ -906,21 +968,7 @@ impl Keystore for TpmKeystore {
                         .ctx
                         .execute_with_session(Some(psession), |ctx| ctx.unseal(obj.into()))
                 })
-                .map_err(|e| match e {
-                    tss_esapi::Error::Tss2Error(rc)
-                        if matches!(
-                            rc.kind(),
-                            Some(Tss2ResponseCodeKind::PolicyFail)
-                                | Some(Tss2ResponseCodeKind::PcrChanged)
-                                | Some(Tss2ResponseCodeKind::Value)
-                        ) =>
-                    {
-                        KeystoreError::PolicyNotSatisfied {
-                            pcrs: pcr_list_string(pcrs),
-                        }
-                    }
-                    e => backend_err("unseal", e),
-                });
+                .map_err(|e| pcr_policy_error("unseal", pcrs, e));
             let _ = inner
                 .ctx
                 .flush_context(ObjectHandle::from(SessionHandle::from(psession)));
