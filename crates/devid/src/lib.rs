@@ -558,7 +558,43 @@ pub fn agent_config(dir: &Path, args: &AgentArgs) -> Result<devid_agent::AgentCo
     Ok(cfg)
 }
 
+/// glibc tunables under which freed heap memory is overwritten at once (`perturb`) and no
+/// freed chunk is kept aside unwiped (`tcache_count=0`).
+pub const HEAP_WIPE_TUNABLES: &str = "glibc.malloc.tcache_count=0:glibc.malloc.perturb=165";
+
+/// The long-running agent must not keep copies of secrets in freed memory: tss-esapi frees
+/// the TPM's unsealed buffer without zeroizing it, and other C and Rust code may do the same.
+/// glibc can wipe every freed chunk, but only if told so before the process starts, so the
+/// agent re-executes itself once with [`HEAP_WIPE_TUNABLES`] (same pid, same arguments),
+/// before anything is unsealed. If that fails it says so and runs on.
+fn ensure_heap_wiping() {
+    use std::os::unix::process::CommandExt;
+    const KEY: &str = "GLIBC_TUNABLES";
+    let current = std::env::var(KEY).unwrap_or_default();
+    if current.contains("glibc.malloc.perturb=") {
+        return;
+    }
+    let value = if current.is_empty() {
+        HEAP_WIPE_TUNABLES.to_string()
+    } else {
+        format!("{current}:{HEAP_WIPE_TUNABLES}")
+    };
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(KEY, value)
+            .exec(),
+        Err(e) => e,
+    };
+    tracing::warn!(
+        error = %err,
+        "cannot re-execute the agent with glibc wiping freed memory; copies of unsealed \
+         secrets may stay in freed heap memory (set GLIBC_TUNABLES={HEAP_WIPE_TUNABLES})"
+    );
+}
+
 fn agent(cx: &Ctx<'_>, args: &AgentArgs) -> Result<()> {
+    ensure_heap_wiping();
     let cfg = agent_config(cx.dir, args)?;
     flush_tpm_leftovers(cx)?;
     let (_, vault) = cx.open_vault()?;

@@ -146,3 +146,59 @@ fn running_soft_agent_memory_holds_no_data_key_or_operator_secret() {
         );
     }
 }
+
+/// The same dump for the TPM agent: the data key is unsealed by the TPM (through tss-esapi,
+/// which frees its unsealed buffer without wiping it) at start and at each renewal. The
+/// agent runs with glibc wiping freed heap memory, so that copy does not survive.
+#[test]
+fn running_tpm_agent_memory_holds_no_data_key_or_operator_secret() {
+    let server = DevidServer::start();
+    let tpm = devid_testkit::swtpm::Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    let secret = b"OPERATOR-SECRET-3d9e01b7-tpm-agent";
+    d.run_stdin(&["secret", "put", "api-key"], secret).ok();
+    enrol(&server, &d, "mem-2");
+    let data_key = {
+        let state = devid::state::StateFile::require(&d.state).unwrap();
+        let ks = state.open_keystore(&d.state, Some(&tpm.tcti())).unwrap();
+        let sealed = std::fs::read(d.state.join(devid_vault::DATA_KEY_FILE)).unwrap();
+        ks.unseal(&sealed).unwrap().expose().to_vec()
+    };
+    let agent = Agent::start(&d, &[]);
+    agent.wait_status("connected", Duration::from_secs(20), |s| {
+        s["connection"]["state"] == "connected"
+    });
+    for i in 0..20 {
+        devid_agent::local::publish(
+            &agent.socket,
+            "telemetry/mem",
+            format!("reading-{i}").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    agent.wait_status("acked", Duration::from_secs(20), |s| {
+        s["mqtt"]["acked"] == 20
+    });
+    let regions = dump_memory(agent.pid());
+    let total: usize = regions.iter().map(Vec::len).sum();
+    assert!(hits(&regions, b"mem-2") > 0, "the dump is not of the agent");
+    let needles: [(&str, Vec<u8>); 4] = [
+        ("data key", data_key.clone()),
+        ("data key (hex)", hex::encode(&data_key).into_bytes()),
+        ("operator secret", secret.to_vec()),
+        ("operator secret (hex)", hex::encode(secret).into_bytes()),
+    ];
+    let found: Vec<(&str, usize)> = needles
+        .iter()
+        .map(|(what, n)| (*what, hits(&regions, n)))
+        .collect();
+    println!("MEASURED TPM agent memory ({total} bytes readable): {found:?}");
+    for (what, n) in &found {
+        assert_eq!(
+            *n, 0,
+            "{n} copies of the {what} in the running TPM agent: {found:?}"
+        );
+    }
+}
