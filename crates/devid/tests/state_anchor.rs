@@ -198,6 +198,19 @@ fn state_dir_swapped_for_a_soft_vault_is_refused_on_an_anchored_tpm_device() {
         .ok();
     let st = victim.run(&["status"]).ok().text();
     assert!(st.contains("protection:   hardware"), "{st}");
+    // TCTI precedence: the anchor's TCTI wins over what state.toml recorded (here edited
+    // to point nowhere), and DEVID_TCTI wins over the anchor.
+    let state_toml = victim.state.join("state.toml");
+    let recorded = std::fs::read_to_string(&state_toml).unwrap();
+    replace_line(
+        &state_toml,
+        "tcti = ",
+        "tcti = \"swtpm:host=127.0.0.1,port=1\"",
+    );
+    victim.run(&["status"]).ok();
+    let r = victim.run(&["--tcti", "swtpm:host=127.0.0.1,port=1", "status"]);
+    assert_ne!(r.code, 0, "--tcti did not override the anchor");
+    std::fs::write(&state_toml, recorded).unwrap();
 
     // The attacker builds a soft vault with the victim's id and their own endpoint...
     let attacker_mqtt = TcpListener::bind("127.0.0.1:0").unwrap();
