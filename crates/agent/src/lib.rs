@@ -47,6 +47,9 @@ use devid_tls::KeystoreSigningKey;
 use devid_vault::Vault;
 use tokio::sync::{watch, Notify};
 
+/// The purpose string of the outbox MAC key ([`devid_vault::Vault::derive_key`]).
+pub const OUTBOX_MAC_PURPOSE: &str = "agent outbox record mac v1";
+
 pub mod backoff;
 pub mod local;
 pub mod mqtt;
@@ -167,7 +170,8 @@ pub(crate) struct Ctx {
     tls: Mutex<TlsPair>,
     pin: String,
     cert: Mutex<CertInfo>,
-    vault: Arc<Vault>,
+    /// The vault, closed: the data key is unsealed again only for a renewal's write.
+    vault: devid_vault::VaultOpener,
 }
 
 impl Ctx {
@@ -263,11 +267,19 @@ pub async fn run_async(
     }
 
     let outbox = tokio::task::spawn_blocking({
-        let c = cfg.outbox.clone();
+        let mut c = cfg.outbox.clone();
+        // Records are authenticated with a key derived from the vault (not the data key
+        // itself), held in locked memory for the agent's lifetime: an offline write to the
+        // outbox cannot inject or change a reading (review M4).
+        c.mac_key = Some(Arc::new(vault.derive_key(OUTBOX_MAC_PURPOSE)));
         move || Outbox::open(c)
     })
     .await
     .map_err(|e| AgentError::Config(format!("outbox open panicked: {e}")))??;
+    // Everything the agent needs from the vault has been read: close it, so the data key is
+    // not in memory between renewals (THREATS.md T7). A renewal unseals it again.
+    let opener = vault.opener();
+    drop(vault);
     let listener = local::bind(&cfg.socket, cfg.socket_mode, cfg.socket_group)?;
 
     let status = AgentStatus {
@@ -307,7 +319,7 @@ pub async fn run_async(
         tls: Mutex::new(tls),
         pin,
         cert: Mutex::new(cert),
-        vault,
+        vault: opener,
     });
 
     let api = Arc::new(local::LocalApi {
@@ -504,11 +516,15 @@ async fn renewal_loop(ctx: Arc<Ctx>) {
             _ = shutdown.changed() => return,
         }
         loop {
-            let vault = ctx.vault.clone();
+            let opener = ctx.vault.clone();
             let id = ctx.device_id.clone();
-            let result = tokio::task::spawn_blocking(move || renew::renew_blocking(&vault, &id))
-                .await
-                .map_err(|e| format!("renewal task failed: {e}"));
+            let result = tokio::task::spawn_blocking(move || {
+                // Unsealed for this renewal only; dropped (zeroized) when it returns.
+                let vault = opener.open().map_err(renew::RenewError::from)?;
+                renew::renew_blocking(&vault, &id)
+            })
+            .await
+            .map_err(|e| format!("renewal task failed: {e}"));
             let outcome = match result {
                 Ok(Ok(chain)) => match (
                     renew::cert_info(&chain),

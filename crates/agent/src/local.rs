@@ -64,30 +64,17 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// Whether a peer with these credentials may use the socket.
-    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+    /// Whether a peer with these credentials (uid and gid from `SO_PEERCRED`, supplementary
+    /// groups from `SO_PEERGROUPS`) may use the socket.
+    pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
         if uid == 0 || uid == self.agent_uid {
             return true;
         }
         let Some(group) = self.group else {
             return false;
         };
-        gid == group || pid.is_some_and(|p| supplementary_groups(p).contains(&group))
+        gid == group || groups.contains(&group)
     }
-}
-
-/// Supplementary groups of a running process, from `/proc/<pid>/status`.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
 }
 
 /// Errors setting up the socket.
@@ -261,7 +248,20 @@ impl LocalApi {
                 return;
             }
         };
-        if !self.policy.allows(cred.uid(), cred.gid(), cred.pid()) {
+        // Supplementary groups come from the socket (SO_PEERGROUPS), not /proc: /proc is
+        // invisible under the unit's ProtectProc=invisible and races with PID reuse.
+        let groups = match devid_secmem::socket_peer_groups(std::os::fd::AsFd::as_fd(&stream)) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot read the local peer's supplementary groups (SO_PEERGROUPS needs \
+                     Linux 4.13); only its primary group counts"
+                );
+                Vec::new()
+            }
+        };
+        if !self.policy.allows(cred.uid(), cred.gid(), &groups) {
             tracing::warn!(
                 uid = cred.uid(),
                 gid = cred.gid(),
@@ -538,24 +538,35 @@ mod tests {
             agent_uid: 500,
             group: Some(600),
         };
-        assert!(p.allows(0, 0, None));
-        assert!(p.allows(500, 1, None));
-        assert!(p.allows(700, 600, None));
-        assert!(!p.allows(700, 700, None));
+        assert!(p.allows(0, 0, &[]));
+        assert!(p.allows(500, 1, &[]));
+        assert!(p.allows(700, 600, &[]));
+        assert!(!p.allows(700, 700, &[]));
+        assert!(p.allows(700, 700, &[5, 600]));
+        assert!(!p.allows(700, 700, &[5, 601]));
         let p = PeerPolicy {
             agent_uid: 500,
             group: None,
         };
-        assert!(!p.allows(700, 600, None));
-        // our own process: its supplementary groups are read from /proc
-        let own = std::process::id() as i32;
-        let groups = supplementary_groups(own);
-        if let Some(g) = groups.first() {
-            let p = PeerPolicy {
-                agent_uid: 4242,
-                group: Some(*g),
-            };
-            assert!(p.allows(4243, 4244, Some(own)));
-        }
+        assert!(!p.allows(700, 600, &[600]));
+    }
+
+    #[test]
+    fn peer_groups_come_from_the_socket() {
+        // Our own end of a socket pair: the kernel reports this process's groups.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut from_socket =
+            devid_secmem::socket_peer_groups(std::os::fd::AsFd::as_fd(&a)).unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let mut from_proc: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        from_socket.sort_unstable();
+        from_proc.sort_unstable();
+        assert_eq!(from_socket, from_proc);
     }
 }

@@ -16,6 +16,17 @@
 //! | 4 | CRC-32 (IEEE) of the body |
 //! | n | body: seq u64, epoch u64, accepted-at unix ms u64, topic length u16, topic suffix (UTF-8), payload |
 //!
+//! **Authenticated records** (issue 12, review M4). When the outbox has a MAC key
+//! ([`OutboxConfig::mac_key`]; the agent derives it from the vault's data key at start,
+//! [`devid_vault::Vault::derive_key`]), records use magic `D7 1C` ([`RECORD_MAGIC_MAC`]) and
+//! carry a 16-byte tag after the body: the first 16 bytes of HMAC-SHA256(key, magic || body
+//! length || body). The CRC still finds torn writes; the tag refuses records written or
+//! changed by anyone without the key (an offline write to the flash). With a key, a record
+//! whose tag does not verify, or a record without a tag (`D7 1B`, the format of agents before
+//! this change), is refused, counted (`refused_unauthenticated`) and never sent. On the soft
+//! backend the key is derived from a data key that sits on the same flash, so this only
+//! raises the bar; with a TPM or token the key exists only while the vault is open.
+//!
 //! `seq` grows by one per accepted message and never repeats within one outbox. The message's
 //! idempotency key, sent as the MQTT 5 user property `msg-id`, is `hex(epoch) || hex(seq)`
 //! ([`Record::msg_id`]); `epoch` is a random 64-bit number drawn when the agent process opens
@@ -63,8 +74,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::topic::{validate_suffix, TopicError, MAX_SUFFIX_LEN};
 
-/// First two bytes of every record.
+/// First two bytes of a record without a MAC (an outbox without a key).
 pub const RECORD_MAGIC: [u8; 2] = [0xD7, 0x1B];
+/// First two bytes of a record that carries a MAC tag after its body.
+pub const RECORD_MAGIC_MAC: [u8; 2] = [0xD7, 0x1C];
+/// Length of a record's MAC tag (truncated HMAC-SHA256).
+pub const MAC_TAG_LEN: usize = 16;
 /// Record header: magic, body length, CRC.
 pub const RECORD_HEADER_LEN: usize = 10;
 /// Fixed part of a body: seq, epoch, time, topic length.
@@ -116,6 +131,9 @@ pub struct OutboxConfig {
     pub segment_bytes: u64,
     /// Largest payload accepted.
     pub max_payload: usize,
+    /// Key of the records' MACs (see the module docs). `None`: records carry no MAC and
+    /// any MAC-carrying record is refused.
+    pub mac_key: Option<Arc<devid_vault::SecretBytes>>,
 }
 
 impl OutboxConfig {
@@ -128,6 +146,7 @@ impl OutboxConfig {
             when_full: FullPolicy::Refuse,
             segment_bytes: 4 << 20,
             max_payload: 64 << 10,
+            mac_key: None,
         }
     }
 }
@@ -228,6 +247,43 @@ fn encoded_len(topic: &str, payload_len: usize) -> usize {
     RECORD_HEADER_LEN + BODY_FIXED_LEN + topic.len() + payload_len
 }
 
+fn encoded_len_keyed(topic: &str, payload_len: usize, key: Option<&[u8]>) -> usize {
+    encoded_len(topic, payload_len) + if key.is_some() { MAC_TAG_LEN } else { 0 }
+}
+
+/// The tag of a record: HMAC-SHA256(key, magic || length || body), first 16 bytes.
+fn record_tag(key: &[u8], header: &[u8], body: &[u8]) -> [u8; MAC_TAG_LEN] {
+    use hmac::{Hmac, Mac};
+    let mut out = [0u8; MAC_TAG_LEN];
+    if let Ok(mut mac) = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key) {
+        mac.update(&header[..6]);
+        mac.update(body);
+        out.copy_from_slice(&mac.finalize().into_bytes()[..MAC_TAG_LEN]);
+    }
+    out
+}
+
+/// [`encode_record`] with a MAC when `key` is given (magic [`RECORD_MAGIC_MAC`], tag after
+/// the body).
+pub fn encode_record_keyed(
+    key: Option<&[u8]>,
+    seq: u64,
+    epoch: u64,
+    unix_ms: u64,
+    topic: &str,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    encode_record(seq, epoch, unix_ms, topic, payload, out);
+    if let Some(key) = key {
+        out[start..start + 2].copy_from_slice(&RECORD_MAGIC_MAC);
+        let (header, body) = out[start..].split_at(RECORD_HEADER_LEN);
+        let tag = record_tag(key, header, body);
+        out.extend_from_slice(&tag);
+    }
+}
+
 /// Append the encoding of one record to `out`. The topic must be at most
 /// [`MAX_SUFFIX_LEN`] bytes (checked by the callers; a longer one is truncated to keep the
 /// format valid).
@@ -268,6 +324,10 @@ pub enum Decoded {
     },
     /// Not a record: wrong magic, length out of range, CRC mismatch, invalid contents.
     Corrupt(&'static str),
+    /// A whole record whose CRC checks but that is not authenticated: its MAC does not verify,
+    /// it has none although the outbox has a key, or it has one the outbox cannot check.
+    /// Written or changed by someone without the key: never sent. Carries its length.
+    Unauthenticated(&'static str, usize),
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -276,13 +336,21 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Decode the record at the start of `buf`.
+/// Decode the record at the start of `buf` (an outbox without a MAC key).
 pub fn decode_record(buf: &[u8]) -> Decoded {
+    decode_record_keyed(buf, None)
+}
+
+/// Decode the record at the start of `buf`, checking its MAC with `key`.
+pub fn decode_record_keyed(buf: &[u8], key: Option<&[u8]>) -> Decoded {
     if buf.first().is_some_and(|b| *b != RECORD_MAGIC[0])
-        || buf.get(1).is_some_and(|b| *b != RECORD_MAGIC[1])
+        || buf
+            .get(1)
+            .is_some_and(|b| *b != RECORD_MAGIC[1] && *b != RECORD_MAGIC_MAC[1])
     {
         return Decoded::Corrupt("bad magic");
     }
+    let has_tag = buf.get(1) == Some(&RECORD_MAGIC_MAC[1]);
     if buf.len() < RECORD_HEADER_LEN {
         return Decoded::Incomplete { need: 0 };
     }
@@ -290,14 +358,33 @@ pub fn decode_record(buf: &[u8]) -> Decoded {
     if !(BODY_FIXED_LEN..=MAX_RECORD_BODY).contains(&len) {
         return Decoded::Corrupt("length out of range");
     }
-    let total = RECORD_HEADER_LEN + len;
+    let body_end = RECORD_HEADER_LEN + len;
+    let total = body_end + if has_tag { MAC_TAG_LEN } else { 0 };
     if buf.len() < total {
         return Decoded::Incomplete { need: total };
     }
     let crc = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]);
-    let body = &buf[RECORD_HEADER_LEN..total];
+    let body = &buf[RECORD_HEADER_LEN..body_end];
     if crc32fast::hash(body) != crc {
         return Decoded::Corrupt("crc mismatch");
+    }
+    match (key, has_tag) {
+        (Some(k), true) => {
+            let want = record_tag(k, &buf[..RECORD_HEADER_LEN], body);
+            let got = &buf[body_end..total];
+            // Constant time: the tag is a secret-dependent value.
+            let diff = want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff != 0 {
+                return Decoded::Unauthenticated("record MAC does not verify", total);
+            }
+        }
+        (Some(_), false) => {
+            return Decoded::Unauthenticated("record carries no MAC", total);
+        }
+        (None, true) => {
+            return Decoded::Unauthenticated("record MAC cannot be checked without the key", total);
+        }
+        (None, false) => {}
     }
     let seq = be_u64(&body[0..]);
     let epoch = be_u64(&body[8..]);
@@ -327,6 +414,9 @@ pub fn decode_record(buf: &[u8]) -> Decoded {
 /// What [`scan_segment`] found in a segment file.
 #[derive(Debug, Default)]
 pub struct Scan {
+    /// Whole records refused because they are not authenticated (counted in
+    /// `skipped_bytes` or `torn_tail_bytes` too).
+    pub unauthenticated: usize,
     /// Records that check, seq strictly increasing.
     pub records: Vec<Record>,
     /// Bytes skipped between valid records (corruption in the middle).
@@ -337,12 +427,14 @@ pub struct Scan {
 
 /// Find the next position at or after `from` where a whole record with seq greater than
 /// `after` starts.
-fn resync(buf: &[u8], from: usize, after: Option<u64>) -> Option<usize> {
+fn resync(buf: &[u8], from: usize, after: Option<u64>, key: Option<&[u8]>) -> Option<usize> {
     let mut pos = from;
     while pos + RECORD_HEADER_LEN <= buf.len() {
-        let off = buf[pos..].windows(2).position(|w| w == RECORD_MAGIC)?;
+        let off = buf[pos..]
+            .windows(2)
+            .position(|w| w == RECORD_MAGIC || w == RECORD_MAGIC_MAC)?;
         pos += off;
-        if let Decoded::Record(r, _) = decode_record(&buf[pos..]) {
+        if let Decoded::Record(r, _) = decode_record_keyed(&buf[pos..], key) {
             if after.is_none_or(|a| r.seq > a) {
                 return Some(pos);
             }
@@ -355,17 +447,31 @@ fn resync(buf: &[u8], from: usize, after: Option<u64>) -> Option<usize> {
 /// Parse a whole segment file. Never panics; bytes that are not whole, checked records with
 /// increasing seq are skipped (in the middle) or reported as a torn tail (at the end).
 pub fn scan_segment(buf: &[u8]) -> Scan {
+    scan_segment_keyed(buf, None)
+}
+
+/// [`scan_segment`] for an outbox with MAC key `key`: unauthenticated records are skipped and
+/// counted ([`Scan::unauthenticated`]).
+pub fn scan_segment_keyed(buf: &[u8], key: Option<&[u8]>) -> Scan {
     let mut scan = Scan::default();
     let mut pos = 0;
     let mut last: Option<u64> = None;
     while pos < buf.len() {
-        match decode_record(&buf[pos..]) {
+        let decoded = decode_record_keyed(&buf[pos..], key);
+        if let Decoded::Unauthenticated(_, len) = decoded {
+            scan.unauthenticated += 1;
+            // Skip the whole record: the next one starts right after it.
+            scan.skipped_bytes += len;
+            pos += len;
+            continue;
+        }
+        match decoded {
             Decoded::Record(r, len) if last.is_none_or(|l| r.seq > l) => {
                 last = Some(r.seq);
                 scan.records.push(r);
                 pos += len;
             }
-            _ => match resync(buf, pos + 1, last) {
+            _ => match resync(buf, pos + 1, last, key) {
                 Some(next) => {
                     scan.skipped_bytes += next - pos;
                     pos = next;
@@ -405,6 +511,10 @@ pub struct OutboxStats {
     pub dropped_age: u64,
     /// Bytes of corrupt data found and skipped on disk.
     pub corrupt_bytes: u64,
+    /// Records refused because their MAC did not verify (or was missing): written or changed
+    /// offline by someone without the key. Never sent.
+    #[serde(default)]
+    pub refused_unauthenticated: u64,
     /// Disk flushes made for accepted messages.
     pub fsyncs: u64,
     /// Most messages committed by one flush.
@@ -622,16 +732,32 @@ impl Outbox {
         let mut total_bytes = 0u64;
         let mut corrupt = 0u64;
         let mut last_seq: Option<u64> = None;
+        let mut unauthenticated = 0u64;
+        let key = config.mac_key.as_deref().map(|k| k.expose());
         for (_, path) in names {
             let bytes = fs::read(&path).map_err(ioe("read", &path))?;
-            let scan = scan_segment(&bytes);
+            let scan = scan_segment_keyed(&bytes, key);
+            if scan.unauthenticated > 0 {
+                unauthenticated += scan.unauthenticated as u64;
+                tracing::error!(
+                    file = %path.display(),
+                    records = scan.unauthenticated,
+                    "outbox records failed authentication (written or changed offline by \
+                     someone without the key, or left by an agent older than record MACs): \
+                     they are dropped, never sent"
+                );
+            }
             // Records must continue the previous segments' sequence.
             let records: Vec<Record> = scan
                 .records
                 .into_iter()
                 .filter(|r| last_seq.is_none_or(|l| r.seq > l))
                 .collect();
-            let bad = bytes.len() - records.iter().map(Record::encoded_len).sum::<usize>();
+            let bad = bytes.len()
+                - records
+                    .iter()
+                    .map(|r| encoded_len_keyed(&r.topic, r.payload.len(), key))
+                    .sum::<usize>();
             if records.is_empty() || records.last().is_some_and(|r| r.seq < floor) {
                 if bad > 0 {
                     corrupt += bad as u64;
@@ -651,7 +777,9 @@ impl Outbox {
                 );
                 let mut clean = Vec::with_capacity(bytes.len());
                 for r in &records {
-                    encode_record(r.seq, r.epoch, r.unix_ms, &r.topic, &r.payload, &mut clean);
+                    encode_record_keyed(
+                        key, r.seq, r.epoch, r.unix_ms, &r.topic, &r.payload, &mut clean,
+                    );
                 }
                 let tmp = path.with_extension("tmp");
                 (|| -> io::Result<()> {
@@ -709,6 +837,7 @@ impl Outbox {
             total_bytes,
             stats: OutboxStats {
                 corrupt_bytes: corrupt,
+                refused_unauthenticated: unauthenticated,
                 ..OutboxStats::default()
             },
             ack_dirty: true,
@@ -879,8 +1008,20 @@ impl Outbox {
                     .map_err(ioe("read", &seg.path))?;
                 let mut pos = 0;
                 let mut need_more = None;
+                let key = self.shared.config.mac_key.as_deref().map(|k| k.expose());
                 while pos < buf.len() && out.len() < max_msgs && bytes < max_bytes {
-                    match decode_record(&buf[pos..]) {
+                    match decode_record_keyed(&buf[pos..], key) {
+                        Decoded::Unauthenticated(why, len) => {
+                            // Changed on disk after recovery checked it: never sent.
+                            tracing::error!(
+                                file = %seg.path.display(),
+                                offset = cursor.offset + pos as u64,
+                                why,
+                                "outbox record failed authentication; skipped, not sent"
+                            );
+                            self.shared.lock().stats.refused_unauthenticated += 1;
+                            pos += len;
+                        }
                         Decoded::Record(r, len) => {
                             if r.seq >= seg.next_seq {
                                 break;
@@ -1034,8 +1175,9 @@ impl Writer {
         {
             let mut st = self.shared.lock();
             need_new_segment = !st.active_open;
+            let key = cfg.mac_key.as_deref().map(|k| k.expose());
             for p in batch {
-                let len = encoded_len(&p.topic, p.payload.len()) as u64;
+                let len = encoded_len_keyed(&p.topic, p.payload.len(), key) as u64;
                 let fits = |st: &State, buf: &Vec<u8>| {
                     st.total_bytes + buf.len() as u64 + len <= cfg.max_bytes
                 };
@@ -1060,7 +1202,15 @@ impl Writer {
                 }
                 let seq = self.next_assign;
                 self.next_assign += 1;
-                encode_record(seq, self.shared.epoch, now, &p.topic, &p.payload, &mut buf);
+                encode_record_keyed(
+                    key,
+                    seq,
+                    self.shared.epoch,
+                    now,
+                    &p.topic,
+                    &p.payload,
+                    &mut buf,
+                );
                 accepted.push((p.reply, seq));
             }
             if let Some(last) = st.segs.back() {
@@ -1287,6 +1437,54 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert_eq!(decode_record(&bad), Decoded::Corrupt("crc mismatch"));
+    }
+
+    #[test]
+    fn keyed_records_verify_and_forgeries_are_refused() {
+        let key = [9u8; 32];
+        let mut buf = Vec::new();
+        encode_record_keyed(Some(&key), 5, 7, 1000, "telemetry/t", b"hello", &mut buf);
+        assert_eq!(buf[..2], RECORD_MAGIC_MAC);
+        assert_eq!(buf.len(), encoded_len_keyed("telemetry/t", 5, Some(&key)));
+        match decode_record_keyed(&buf, Some(&key)) {
+            Decoded::Record(r, n) => {
+                assert_eq!(n, buf.len());
+                assert_eq!(r.payload, b"hello");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another key, or no key: not authenticated.
+        assert!(matches!(
+            decode_record_keyed(&buf, Some(&[8u8; 32])),
+            Decoded::Unauthenticated(_, n) if n == buf.len()
+        ));
+        assert!(matches!(decode_record(&buf), Decoded::Unauthenticated(..)));
+        // The payload changed and the CRC recomputed, as an attacker would: the MAC refuses.
+        let mut bad = buf.clone();
+        let end = bad.len() - MAC_TAG_LEN;
+        bad[end - 1] ^= 1;
+        let crc = crc32fast::hash(&bad[RECORD_HEADER_LEN..end]);
+        bad[6..10].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            decode_record_keyed(&bad, Some(&key)),
+            Decoded::Unauthenticated("record MAC does not verify", _)
+        ));
+        // A record without a MAC in a keyed outbox (forged, or from an older agent).
+        let mut plain = Vec::new();
+        encode_record(6, 7, 1000, "telemetry/t", b"forged", &mut plain);
+        assert!(matches!(
+            decode_record_keyed(&plain, Some(&key)),
+            Decoded::Unauthenticated("record carries no MAC", _)
+        ));
+        // A scan keeps the genuine records around it and counts the refused one.
+        let mut seg = buf.clone();
+        seg.extend_from_slice(&plain);
+        encode_record_keyed(Some(&key), 7, 7, 1000, "telemetry/t", b"after", &mut seg);
+        let scan = scan_segment_keyed(&seg, Some(&key));
+        let seqs: Vec<u64> = scan.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [5, 7]);
+        assert_eq!(scan.unauthenticated, 1);
+        assert_eq!(scan.skipped_bytes, plain.len());
     }
 
     #[test]

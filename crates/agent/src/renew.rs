@@ -1,7 +1,8 @@
 //! Certificate renewal: at a fraction of the certificate's lifetime (2/3 by default) the
 //! agent asks the server for a new certificate over mutual TLS (`POST /v1/renew`, the TLS
 //! signature and the CSR signature made in the keystore), checks the answer, and seals the
-//! new chain into the bundle with one atomic write ([`devid_vault::Vault::store`]).
+//! new chain into the bundle with one atomic read-modify-write under the state dir's lock
+//! ([`devid_vault::Vault::update`]), so a concurrent `devid secret put` is never lost.
 //!
 //! The key stays the same. Rotating the key at renewal (a new key in the TPM or token, CSR
 //! signed by it, old key deleted once the new certificate is sealed) is a TODO: it needs a
@@ -79,7 +80,7 @@ pub fn check_chain(
 
 /// Renew once (blocking: network and keystore). Returns the new chain, already sealed.
 pub fn renew_blocking(vault: &Vault, device_id: &str) -> Result<String, RenewError> {
-    let mut contents = vault.load()?;
+    let contents = vault.load()?;
     let server = contents
         .server_url
         .clone()
@@ -102,14 +103,20 @@ pub fn renew_blocking(vault: &Vault, device_id: &str) -> Result<String, RenewErr
         ));
     }
     check_chain(&resp.certificate_chain, &pin, device_id, ks.as_ref())?;
-    contents.cert_chain_pem = Some(resp.certificate_chain.clone());
     if contents.mqtt_url.as_deref() != Some(resp.mqtt_url.as_str()) {
         tracing::info!(
             "the server announced another MQTT endpoint at renewal; keeping the sealed one until \
              the next start"
         );
     }
-    vault.store(&contents)?;
+    drop(contents);
+    // Re-read under the state dir's lock and change only the chain: a `devid secret put` or
+    // `devid config set` that ran while we talked to the server is kept.
+    let chain = resp.certificate_chain.clone();
+    vault.update(move |c| {
+        c.cert_chain_pem = Some(chain);
+        Ok(())
+    })?;
     Ok(resp.certificate_chain)
 }
 

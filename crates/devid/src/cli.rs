@@ -20,8 +20,19 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
 
+    /// The root-owned device configuration holding the anchor (backend, PKCS#11 module,
+    /// TCTI). Missing: the device is unanchored (see `devid status`).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVID_CONFIG_FILE",
+        default_value = crate::anchor::DEFAULT_CONFIG_FILE,
+        value_name = "PATH"
+    )]
+    pub config_file: PathBuf,
+
     /// TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321. Given at run time
-    /// it overrides the one recorded at init.
+    /// it overrides the device configuration's, which overrides the one recorded at init.
     #[arg(long, global = true, env = "DEVID_TCTI")]
     pub tcti: Option<String>,
 
@@ -42,6 +53,12 @@ pub enum Command {
         after_help = "Examples:\n  devid init --backend tpm --tcti device:/dev/tpmrm0 --pcrs 7\n  devid init --backend pkcs11 --module /usr/lib/softhsm/libsofthsm2.so --token devid --pin-file /etc/devid/pin\n  devid init --backend soft"
     )]
     Init(InitArgs),
+    /// Write this device's backend, TCTI and PKCS#11 module into the device configuration
+    /// (the anchor), so an offline change of the state dir cannot swap them. Run as root.
+    #[command(
+        after_help = "Example:\n  sudo devid anchor\n  devid --config-file /etc/devid/devid.toml anchor"
+    )]
+    Anchor,
     /// Show backend, key fingerprint, identity, server and protection level (never a secret).
     #[command(after_help = "Example:\n  devid status --json")]
     Status {
@@ -177,9 +194,14 @@ pub struct InitArgs {
     /// Where the device key is created.
     #[arg(long, value_enum)]
     pub backend: Backend,
-    /// TPM: bind the bundle key to these PCRs (SHA-256 bank), e.g. `7` or `0,2,4,7`.
+    /// TPM: bind the bundle key's unseal and the device key's use (signing) to these PCRs
+    /// (SHA-256 bank, PolicyPCR), e.g. `7` or `0,2,4,7`.
+    /// PCRs 16-23 can be reset by software and are refused unless --allow-resettable-pcrs.
     #[arg(long, value_name = "LIST")]
     pub pcrs: Option<String>,
+    /// TPM: accept PCRs 16-23 in --pcrs although software can reset them (tests only).
+    #[arg(long)]
+    pub allow_resettable_pcrs: bool,
     /// PKCS#11: the module (shared library) path.
     #[arg(long, value_name = "PATH")]
     pub module: Option<PathBuf>,

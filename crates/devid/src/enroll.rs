@@ -7,7 +7,6 @@
 //! atomic write.
 
 use std::io::Read;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use devid_keystore::{spki_der, Keystore};
@@ -16,12 +15,12 @@ use serde_json::json;
 use crate::cli::EnrollArgs;
 
 /// Run `devid enroll`.
-pub fn run(dir: &Path, tcti: Option<&str>, args: &EnrollArgs) -> Result<()> {
+pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
     crate::validate_server_url(&args.server)?;
     let pin = crate::normalise_pin(&args.ca_pin)?;
     let token = read_token(&args.token)?;
-    let (_, vault) = crate::open_vault(dir, tcti)?;
-    let mut contents = vault.load()?;
+    let (_, vault) = cx.open_vault()?;
+    let contents = vault.load()?;
     let ks = vault.keystore().clone();
     let wanted_id = args.device_id.as_deref().or(contents.device_id.as_deref());
 
@@ -31,13 +30,16 @@ pub fn run(dir: &Path, tcti: Option<&str>, args: &EnrollArgs) -> Result<()> {
         .with_context(|| format!("enrolment with {} failed", args.server))?;
 
     let ca_pem = check_chain(&resp.certificate_chain, &pin, &resp.device_id, ks.as_ref())?;
-    contents.server_url = Some(args.server.trim_end_matches('/').to_string());
-    contents.mqtt_url = Some(resp.mqtt_url.clone());
-    contents.ca_pin = Some(pin);
-    contents.ca_cert_pem = Some(ca_pem);
-    contents.device_id = Some(resp.device_id.clone());
-    contents.cert_chain_pem = Some(resp.certificate_chain.clone());
-    vault.store(&contents)?;
+    drop(contents);
+    vault.update(|contents| {
+        contents.server_url = Some(args.server.trim_end_matches('/').to_string());
+        contents.mqtt_url = Some(resp.mqtt_url.clone());
+        contents.ca_pin = Some(pin);
+        contents.ca_cert_pem = Some(ca_pem);
+        contents.device_id = Some(resp.device_id.clone());
+        contents.cert_chain_pem = Some(resp.certificate_chain.clone());
+        Ok(())
+    })?;
 
     let cert = crate::certificate_summary(&resp.certificate_chain);
     if args.json {
@@ -57,7 +59,7 @@ pub fn run(dir: &Path, tcti: Option<&str>, args: &EnrollArgs) -> Result<()> {
                 c["not_after"].as_str().unwrap_or("?")
             );
         }
-        println!("sealed into the bundle in {}", dir.display());
+        println!("sealed into the bundle in {}", cx.dir.display());
     }
     Ok(())
 }

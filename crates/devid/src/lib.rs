@@ -15,11 +15,13 @@ use devid_keystore::{fingerprint, public_key_pem, BackendKind, Keystore, SecretB
 use devid_vault::{Contents, Vault};
 use serde_json::json;
 
+pub mod anchor;
 pub mod cli;
 pub mod enroll;
 pub mod logging;
 pub mod state;
 
+use anchor::{Anchor, DeviceConfig};
 use cli::{
     AgentArgs, Backend, Cli, Command, ConfigCommand, ConfigKey, InitArgs, SecretCommand, SendArgs,
 };
@@ -32,43 +34,136 @@ pub const MAX_SECRET_LEN: usize = 64 * 1024;
 pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.state_dir.as_path();
     let tcti = cli.tcti.as_deref();
+    // Commands that never open the keystore do not need the device configuration.
+    match &cli.command {
+        Command::Status { json, agent: true } => return agent_status(dir, *json),
+        Command::Send(args) => return send(args),
+        _ => {}
+    }
+    let cx = Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::load(&cli.config_file)?,
+    };
     match cli.command {
-        Command::Init(args) => init(dir, tcti, &args),
-        Command::Status { json, agent: true } => agent_status(dir, json),
-        Command::Status { json, agent: false } => status(dir, tcti, json),
+        Command::Init(args) => init(&cx, &args),
+        Command::Anchor => anchor_cmd(&cx),
+        Command::Status { json, .. } => status(&cx, json),
         Command::Pubkey => {
-            let (_, ks) = open_keystore(dir, tcti)?;
+            let (_, ks) = cx.open_keystore()?;
             print!("{}", public_key_pem(&ks.public_key()));
             Ok(())
         }
-        Command::Sign { base64 } => sign(dir, tcti, base64),
-        Command::Enroll(args) => enroll::run(dir, tcti, &args),
-        Command::Secret(cmd) => secret(dir, tcti, cmd),
-        Command::Config(cmd) => config(dir, tcti, cmd),
-        Command::Agent(args) => agent(dir, tcti, &args),
+        Command::Sign { base64 } => sign(&cx, base64),
+        Command::Enroll(args) => enroll::run(&cx, &args),
+        Command::Secret(cmd) => secret(&cx, cmd),
+        Command::Config(cmd) => config(&cx, cmd),
+        Command::Agent(args) => agent(&cx, &args),
         Command::Send(args) => send(&args),
     }
 }
 
-/// Open the keystore recorded in the state dir.
+/// What every command that opens the keystore works with: the state dir, the `--tcti` /
+/// `DEVID_TCTI` override and the device configuration (the anchor).
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The state dir.
+    pub dir: &'a Path,
+    /// `--tcti` / `DEVID_TCTI`.
+    pub tcti: Option<&'a str>,
+    /// The device configuration file, read and checked.
+    pub config: DeviceConfig,
+}
+
+impl Ctx<'_> {
+    /// Open the keystore recorded in the state dir, under the anchor.
+    pub fn open_keystore(&self) -> Result<(StateFile, Arc<dyn Keystore>)> {
+        let state = StateFile::require(self.dir)?;
+        let ks = state.open_keystore_with(self.dir, self.tcti, &self.config)?;
+        Ok((state, ks))
+    }
+
+    /// Open the keystore and the vault (bound to the state file's trust fields).
+    pub fn open_vault(&self) -> Result<(StateFile, Vault)> {
+        let (state, ks) = self.open_keystore()?;
+        let vault = Vault::open_bound(self.dir, ks, state.binding())?;
+        Ok((state, vault))
+    }
+}
+
+/// Open the keystore recorded in the state dir (no device configuration: unanchored).
 pub fn open_keystore(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Arc<dyn Keystore>)> {
-    let state = StateFile::require(dir)?;
-    let ks = state.open_keystore(dir, tcti)?;
-    Ok((state, ks))
+    Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::unanchored(),
+    }
+    .open_keystore()
 }
 
-/// Open the keystore and the vault.
+/// Open the keystore and the vault (no device configuration: unanchored).
 pub fn open_vault(dir: &Path, tcti: Option<&str>) -> Result<(StateFile, Vault)> {
-    let (state, ks) = open_keystore(dir, tcti)?;
-    let vault = Vault::open(dir, ks)?;
-    Ok((state, vault))
+    Ctx {
+        dir,
+        tcti,
+        config: DeviceConfig::unanchored(),
+    }
+    .open_vault()
 }
 
-fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
+/// The anchor describing `state` (with the TCTI and module it was opened with).
+fn anchor_for(state: &StateFile) -> Anchor {
+    Anchor {
+        backend: Some(state.backend),
+        tcti: state.tpm.as_ref().map(|t| t.tcti.clone()),
+        module: state.pkcs11.as_ref().map(|p| p.module.clone()),
+    }
+}
+
+fn anchor_cmd(cx: &Ctx<'_>) -> Result<()> {
+    let (state, _ks) = cx.open_keystore()?;
+    if let Some(a) = &cx.config.anchor {
+        println!(
+            "already anchored to the {} backend in {}",
+            a.backend.map(|b| b.as_str()).unwrap_or("?"),
+            cx.config.path.display()
+        );
+        return Ok(());
+    }
+    let mut anchor = anchor_for(&state);
+    if let (Some(t), BackendKind::Tpm) = (cx.tcti, state.backend) {
+        anchor.tcti = Some(t.to_string());
+    }
+    cx.config.write_anchor(&anchor)?;
+    println!(
+        "anchored this device to the {} backend in {}",
+        state.backend,
+        cx.config.path.display()
+    );
+    Ok(())
+}
+
+fn init(cx: &Ctx<'_>, args: &InitArgs) -> Result<()> {
+    let dir = cx.dir;
+    let wanted = match args.backend {
+        Backend::Tpm => BackendKind::Tpm,
+        Backend::Pkcs11 => BackendKind::Pkcs11,
+        Backend::Soft => BackendKind::Soft,
+    };
+    if let Some(anchored) = cx.config.backend() {
+        if anchored != wanted {
+            bail!(
+                "this device is anchored to the {anchored} backend ({}): refusing `devid init \
+                 --backend {wanted}`; use --backend {anchored}, or change the anchor in that \
+                 file first",
+                cx.config.path.display()
+            );
+        }
+    }
     if let Some(existing) = StateFile::read(dir)? {
         // Opening proves whether this state belongs to this device: a copied state dir gets
         // the keystore's "created on another TPM/token" error, not a generic one.
-        existing.open_keystore(dir, tcti)?;
+        existing.open_keystore_with(dir, cx.tcti, &cx.config)?;
         bail!(
             "{} already holds a devid vault ({} backend); remove the directory to start over \
              (the device must then be enrolled again)",
@@ -79,8 +174,8 @@ fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
     devid_keystore::fsutil::ensure_private_dir(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
 
-    let (state, ks) = create_keystore(dir, tcti, args)?;
-    if let Err(e) = Vault::create(dir, ks.clone()) {
+    let (state, ks) = create_keystore(cx, args)?;
+    if let Err(e) = Vault::create_bound(dir, ks.clone(), state.binding()) {
         cleanup_failed_init(dir);
         return Err(e.into());
     }
@@ -96,6 +191,20 @@ fn init(dir: &Path, tcti: Option<&str>, args: &InitArgs) -> Result<()> {
         fingerprint(&ks.public_key()),
         ks.protection().summary()
     );
+    if cx.config.anchor.is_none() {
+        if cx.config.exists {
+            match cx.config.write_anchor(&anchor_for(&state)) {
+                Ok(()) => println!(
+                    "anchor: this device is now anchored to the {} backend in {}",
+                    state.backend,
+                    cx.config.path.display()
+                ),
+                Err(e) => eprintln!("devid: warning: {e:#}; {}", cx.config.unanchored_hint()),
+            }
+        } else {
+            println!("anchor: {}", cx.config.unanchored_hint());
+        }
+    }
     Ok(())
 }
 
@@ -110,14 +219,14 @@ fn cleanup_failed_init(dir: &Path) {
     }
 }
 
-fn create_keystore(
-    dir: &Path,
-    tcti: Option<&str>,
-    args: &InitArgs,
-) -> Result<(StateFile, Arc<dyn Keystore>)> {
+fn create_keystore(cx: &Ctx<'_>, args: &InitArgs) -> Result<(StateFile, Arc<dyn Keystore>)> {
+    let dir = cx.dir;
+    let anchored = cx.config.anchor.as_ref();
     match args.backend {
         Backend::Tpm => {
-            let tcti = tcti
+            let tcti = cx
+                .tcti
+                .or(anchored.and_then(|a| a.tcti.as_deref()))
                 .map(str::to_string)
                 .unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
             let pcrs = match &args.pcrs {
@@ -126,16 +235,34 @@ fn create_keystore(
             };
             let (ks, cfg) = devid_keystore_tpm::TpmKeystore::create(
                 dir,
-                &devid_keystore_tpm::TpmInitOptions { tcti, pcrs },
+                &devid_keystore_tpm::TpmInitOptions {
+                    tcti,
+                    pcrs,
+                    allow_resettable_pcrs: args.allow_resettable_pcrs,
+                    // --pcrs binds the device key's use too: a modified OS cannot sign.
+                    bind_key_to_pcrs: true,
+                },
             )?;
             let mut state = StateFile::new(BackendKind::Tpm);
             state.tpm = Some(cfg);
             Ok((state, Arc::new(ks)))
         }
         Backend::Pkcs11 => {
-            let module = args.module.as_deref().context(
-                "--backend pkcs11 needs --module PATH (e.g. /usr/lib/softhsm/libsofthsm2.so)",
-            )?;
+            let anchored_module = anchored.and_then(|a| a.module.as_deref());
+            let module = match (args.module.as_deref(), anchored_module) {
+                (Some(m), Some(a)) if m != a => bail!(
+                    "this device is anchored to the PKCS#11 module {} ({}): refusing --module {}",
+                    a.display(),
+                    cx.config.path.display(),
+                    m.display()
+                ),
+                (Some(m), _) => m,
+                (None, Some(a)) => a,
+                (None, None) => bail!(
+                    "--backend pkcs11 needs --module PATH (e.g. /usr/lib/softhsm/libsofthsm2.so)"
+                ),
+            };
+            anchor::check_module(module, dir)?;
             let token = args
                 .token
                 .as_deref()
@@ -156,8 +283,12 @@ fn create_keystore(
     }
 }
 
-fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
-    let (state, vault) = open_vault(dir, tcti)?;
+fn status(cx: &Ctx<'_>, as_json: bool) -> Result<()> {
+    let dir = cx.dir;
+    let tcti = cx
+        .tcti
+        .or(cx.config.anchor.as_ref().and_then(|a| a.tcti.as_deref()));
+    let (state, vault) = cx.open_vault()?;
     let contents = vault.load()?;
     let ks = vault.keystore();
     let hygiene = devid_secmem::hygiene();
@@ -167,15 +298,35 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         .and_then(certificate_summary);
     let backend_detail = match state.backend {
         BackendKind::Tpm => state.tpm.as_ref().map(|t| {
-            json!({"tcti": tcti.unwrap_or(&t.tcti), "srk_name": t.srk_name, "pcrs": t.pcrs})
+            json!({
+                "tcti": tcti.unwrap_or(&t.tcti),
+                "srk_name": t.srk_name,
+                "pcrs": t.pcrs,
+                "key_pcrs": t.key_pcrs,
+            })
         }),
         BackendKind::Pkcs11 => state.pkcs11.as_ref().map(|p| {
-            json!({"module": p.module, "token_label": p.token_label, "token_serial": p.token_serial})
+            let module = cx
+                .config
+                .anchor
+                .as_ref()
+                .and_then(|a| a.module.as_ref())
+                .unwrap_or(&p.module);
+            json!({"module": module, "token_label": p.token_label, "token_serial": p.token_serial})
         }),
         BackendKind::Soft => None,
     };
+    let anchor = match cx.config.backend() {
+        Some(b) => json!({"anchored": true, "backend": b, "config_file": cx.config.path}),
+        None => json!({
+            "anchored": false,
+            "config_file": cx.config.path,
+            "hint": cx.config.unanchored_hint(),
+        }),
+    };
     let v = json!({
         "state_dir": dir,
+        "anchor": anchor,
         "backend": state.backend,
         "backend_detail": backend_detail,
         "key_ref": ks.key_ref(),
@@ -189,7 +340,11 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         "ca_pin": contents.ca_pin,
         "certificate": cert,
         "secret_count": contents.secrets.len(),
-        "process": {"dumpable": hygiene.dumpable, "core_limit": hygiene.core_limit},
+        "process": {
+            "dumpable": hygiene.dumpable,
+            "core_limit": hygiene.core_limit,
+            "secrets_locked": vault.key_locked(),
+        },
         "agent": agent_status_json(dir),
     });
     if as_json {
@@ -199,6 +354,13 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
     let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "(not set)".into());
     println!("state dir:    {}", dir.display());
     println!("backend:      {}", state.backend);
+    match cx.config.backend() {
+        Some(b) => println!(
+            "anchor:       anchored to {b} by {}",
+            cx.config.path.display()
+        ),
+        None => println!("anchor:       UNANCHORED: {}", cx.config.unanchored_hint()),
+    }
     println!("key:          {} (ECDSA P-256)", ks.key_ref());
     println!("fingerprint:  {}", fingerprint(&ks.public_key()));
     println!("protection:   {}", ks.protection().summary());
@@ -219,6 +381,14 @@ fn status(dir: &Path, tcti: Option<&str>, as_json: bool) -> Result<()> {
         "process:      dumpable={} core_limit={}",
         hygiene.dumpable, hygiene.core_limit
     );
+    if vault.key_locked() {
+        println!("memory:       secrets locked in RAM (mlock)");
+    } else {
+        println!(
+            "memory:       WARNING: mlock failed, unsealed secrets may be written to swap \
+             (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=1M in the unit, or disable swap)"
+        );
+    }
     print_agent_status(&v["agent"]);
     Ok(())
 }
@@ -289,8 +459,14 @@ fn print_agent_status(v: &serde_json::Value) {
     }
     let o = &v["outbox"];
     println!(
-        "  outbox:     {} waiting ({} bytes); dropped {} full / {} too old; refused {} (full)",
-        o["depth"], o["bytes"], o["dropped_full"], o["dropped_age"], o["refused_full"]
+        "  outbox:     {} waiting ({} bytes); dropped {} full / {} too old; refused {} (full); \
+         {} records failed authentication (never sent)",
+        o["depth"],
+        o["bytes"],
+        o["dropped_full"],
+        o["dropped_age"],
+        o["refused_full"],
+        o["refused_unauthenticated"]
     );
     let m = &v["mqtt"];
     println!(
@@ -382,14 +558,94 @@ pub fn agent_config(dir: &Path, args: &AgentArgs) -> Result<devid_agent::AgentCo
     Ok(cfg)
 }
 
-fn agent(dir: &Path, tcti: Option<&str>, args: &AgentArgs) -> Result<()> {
-    let cfg = agent_config(dir, args)?;
-    let (_, vault) = open_vault(dir, tcti)?;
+/// glibc tunables under which freed heap memory is overwritten at once (`perturb`) and no
+/// freed chunk is kept aside unwiped (`tcache_count=0`).
+pub const HEAP_WIPE_TUNABLES: &str = "glibc.malloc.tcache_count=0:glibc.malloc.perturb=165";
+
+/// The long-running agent must not keep copies of secrets in freed memory: tss-esapi frees
+/// the TPM's unsealed buffer without zeroizing it, and other C and Rust code may do the same.
+/// glibc can wipe every freed chunk, but only if told so before the process starts, so the
+/// agent re-executes itself once with [`HEAP_WIPE_TUNABLES`] (same pid, same arguments),
+/// before anything is unsealed. If that fails it says so and runs on.
+fn ensure_heap_wiping() {
+    use std::os::unix::process::CommandExt;
+    const KEY: &str = "GLIBC_TUNABLES";
+    let current = std::env::var(KEY).unwrap_or_default();
+    if current.contains("glibc.malloc.perturb=") {
+        return;
+    }
+    let value = if current.is_empty() {
+        HEAP_WIPE_TUNABLES.to_string()
+    } else {
+        format!("{current}:{HEAP_WIPE_TUNABLES}")
+    };
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(KEY, value)
+            .exec(),
+        Err(e) => e,
+    };
+    tracing::warn!(
+        error = %err,
+        "cannot re-execute the agent with glibc wiping freed memory; copies of unsealed \
+         secrets may stay in freed heap memory (set GLIBC_TUNABLES={HEAP_WIPE_TUNABLES})"
+    );
+}
+
+fn agent(cx: &Ctx<'_>, args: &AgentArgs) -> Result<()> {
+    ensure_heap_wiping();
+    let cfg = agent_config(cx.dir, args)?;
+    flush_tpm_leftovers(cx)?;
+    let (_, vault) = cx.open_vault()?;
+    match cx.config.backend() {
+        Some(b) => {
+            tracing::info!(backend = %b, config = %cx.config.path.display(), "device anchored")
+        }
+        None => tracing::warn!("{}", cx.config.unanchored_hint()),
+    }
     let end = devid_agent::run(cfg, vault)?;
     tracing::info!(
         pending = end.outbox.depth,
         "devid agent stopped; pending messages stay in the outbox"
     );
+    Ok(())
+}
+
+/// On a TPM reached without a resource manager (swtpm, mssim, `device:/dev/tpm0`), a previous
+/// agent killed with `kill -9` (or by the OOM killer) left its objects and sessions loaded,
+/// and every later load would fail with "out of memory for object contexts". The agent is the
+/// TPM's only user on such a device (docs/agent.md), so it flushes them when it starts. No
+/// other command does: it could cut a running agent's objects.
+fn flush_tpm_leftovers(cx: &Ctx<'_>) -> Result<()> {
+    let Some(state) = StateFile::read(cx.dir)? else {
+        return Ok(());
+    };
+    anchor::check_backend(&cx.config, state.backend, cx.dir)?;
+    let Some(tpm) = state
+        .tpm
+        .as_ref()
+        .filter(|_| state.backend == BackendKind::Tpm)
+    else {
+        return Ok(());
+    };
+    let tcti = cx
+        .tcti
+        .or(cx.config.anchor.as_ref().and_then(|a| a.tcti.as_deref()))
+        .unwrap_or(&tpm.tcti);
+    if devid_keystore_tpm::tcti_has_resource_manager(tcti) {
+        return Ok(());
+    }
+    let flushed = devid_keystore_tpm::flush_leftovers(tcti)
+        .context("cannot flush the TPM objects a previous agent left behind")?;
+    if flushed != devid_keystore_tpm::Flushed::default() {
+        tracing::warn!(
+            objects = flushed.objects,
+            sessions = flushed.sessions,
+            "flushed TPM objects and sessions left by a previous process (no resource manager \
+             on this TCTI: did the agent crash or get killed?)"
+        );
+    }
     Ok(())
 }
 
@@ -435,8 +691,8 @@ pub fn certificate_summary(chain_pem: &str) -> Option<serde_json::Value> {
     }))
 }
 
-fn sign(dir: &Path, tcti: Option<&str>, base64: bool) -> Result<()> {
-    let (_, ks) = open_keystore(dir, tcti)?;
+fn sign(cx: &Ctx<'_>, base64: bool) -> Result<()> {
+    let (_, ks) = cx.open_keystore()?;
     let mut msg = Vec::new();
     std::io::stdin()
         .read_to_end(&mut msg)
@@ -478,20 +734,21 @@ fn read_secret_stdin() -> Result<SecretBytes> {
     Ok(SecretBytes::from_slice(&buf.expose()[..len]))
 }
 
-fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
+fn secret(cx: &Ctx<'_>, cmd: SecretCommand) -> Result<()> {
     match cmd {
         SecretCommand::Put { name } => {
             devid_vault::validate_secret_name(&name)?;
             // Read the value before touching the chip, so a slow writer does not hold the TPM.
             let value = read_secret_stdin()?;
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents = vault.load()?;
-            contents.secrets.insert(name, value);
-            vault.store(&contents)?;
+            let (_, vault) = cx.open_vault()?;
+            vault.update(|contents| {
+                contents.secrets.insert(name, value);
+                Ok(())
+            })?;
             Ok(())
         }
         SecretCommand::Get { name } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let contents = vault.load()?;
             let value = contents
                 .secrets
@@ -503,7 +760,7 @@ fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
             Ok(())
         }
         SecretCommand::List { json } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let contents = vault.load()?;
             let names: Vec<&String> = contents.secrets.keys().collect();
             if json {
@@ -516,12 +773,11 @@ fn secret(dir: &Path, tcti: Option<&str>, cmd: SecretCommand) -> Result<()> {
             Ok(())
         }
         SecretCommand::Rm { name } => {
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents = vault.load()?;
-            if contents.secrets.remove(&name).is_none() {
+            let (_, vault) = cx.open_vault()?;
+            let removed = vault.update(|contents| Ok(contents.secrets.remove(&name).is_some()))?;
+            if !removed {
                 bail!("no secret named '{name}' (see `devid secret list`)");
             }
-            vault.store(&contents)?;
             Ok(())
         }
     }
@@ -549,23 +805,28 @@ pub fn normalise_pin(pin: &str) -> Result<String> {
     Ok(p)
 }
 
-fn config(dir: &Path, tcti: Option<&str>, cmd: ConfigCommand) -> Result<()> {
+fn config(cx: &Ctx<'_>, cmd: ConfigCommand) -> Result<()> {
     match cmd {
         ConfigCommand::Set { key, value } => {
-            let (_, vault) = open_vault(dir, tcti)?;
-            let mut contents: Contents = vault.load()?;
-            match key {
+            let set: Box<dyn FnOnce(&mut Contents)> = match key {
                 ConfigKey::Server => {
                     validate_server_url(&value)?;
-                    contents.server_url = Some(value);
+                    Box::new(move |c| c.server_url = Some(value))
                 }
-                ConfigKey::CaPin => contents.ca_pin = Some(normalise_pin(&value)?),
-            }
-            vault.store(&contents)?;
+                ConfigKey::CaPin => {
+                    let pin = normalise_pin(&value)?;
+                    Box::new(move |c| c.ca_pin = Some(pin))
+                }
+            };
+            let (_, vault) = cx.open_vault()?;
+            vault.update(|contents| {
+                set(contents);
+                Ok(())
+            })?;
             Ok(())
         }
         ConfigCommand::Show { json } => {
-            let (_, vault) = open_vault(dir, tcti)?;
+            let (_, vault) = cx.open_vault()?;
             let c = vault.load()?;
             let v = json!({
                 "server": c.server_url, "mqtt": c.mqtt_url, "ca_pin": c.ca_pin,

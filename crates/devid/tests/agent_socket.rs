@@ -269,3 +269,103 @@ fn systemd_gets_ready_and_watchdog_notifications() {
     assert!(rest.contains("STOPPING=1"), "{rest}");
     assert!(!agent.socket.exists(), "socket removed on a clean stop");
 }
+
+/// Review L3: under the shipped unit's `ProtectProc=invisible` the agent (not root) cannot
+/// see other users' processes in /proc, so a supplementary group read from
+/// `/proc/<pid>/status` is never found. The agent runs as `nobody` in a mount namespace with
+/// /proc mounted `hidepid=invisible`; a client whose only link to the socket group is a
+/// supplementary group must still be served (groups come from `SO_PEERGROUPS`), and a client
+/// without the group is still refused.
+#[test]
+fn supplementary_group_is_honoured_under_protect_proc_invisible() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    devid_testkit::require_program("unshare", "util-linux");
+    let server = DevidServer::start();
+    let d = soft_device(&server, "sock-pp");
+    let parent = d.state.parent().unwrap().to_path_buf();
+    // The agent's user owns its state dir and the socket's directory.
+    let chown = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(&parent)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = parent.join("agent.sock");
+    let log = parent.join("agent.log");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t proc -o hidepid=invisible proc /proc && exec setpriv --reuid nobody \
+             --regid nogroup --groups daemon \"$@\"",
+        )
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_devid"))
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["agent", "--socket"])
+        .arg(&socket)
+        .args([
+            "--socket-group",
+            "daemon",
+            // Open file mode: the non-member must reach the agent's own peer check.
+            "--socket-mode",
+            "0666",
+            "--backoff-base",
+            "100ms",
+            "--status-interval",
+            "200ms",
+        ])
+        .env_remove("DEVID_TCTI")
+        .env_remove("NOTIFY_SOCKET")
+        .env("DEVID_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in &d.env {
+        cmd.env(k, v);
+    }
+    let mut agent = cmd.spawn().unwrap();
+    let t = Instant::now();
+    while devid_agent::local::status(&socket, Duration::from_secs(2)).is_err() {
+        if let Ok(Some(st)) = agent.try_wait() {
+            panic!(
+                "agent exited ({st}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "agent never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let send = |groups: &[&str], payload: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", "bin", "--regid", "bin"])
+            .args(groups)
+            .arg(env!("CARGO_BIN_EXE_devid"))
+            .args(["send", "--socket"])
+            .arg(&socket)
+            .args(["--topic", "telemetry/pp", payload])
+            .output()
+            .unwrap()
+    };
+    let ok = send(&["--groups", "daemon"], "via-supplementary-group");
+    let no = send(&["--clear-groups"], "no-group");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        ok.status.success(),
+        "a member of the socket group (supplementary) was refused: {} / agent log: {agent_log}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!no.status.success(), "a non-member was served");
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("may not use the devid agent"),
+        "{}",
+        String::from_utf8_lossy(&no.stderr)
+    );
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Devid;
@@ -51,4 +51,47 @@ fn a_running_devid_has_core_size_zero() {
     let fields: Vec<&str> = core.split_whitespace().collect();
     assert_eq!(fields.get(4), Some(&"0"), "soft limit: {core}");
     assert_eq!(fields.get(5), Some(&"0"), "hard limit: {core}");
+}
+
+/// Review L2: a failed mlock is reported by `devid status`, not silent. As root mlock always
+/// works (CAP_IPC_LOCK); as `nobody` with RLIMIT_MEMLOCK 0 it cannot.
+#[test]
+fn status_reports_whether_secrets_are_locked_in_ram() {
+    let d = Devid::new();
+    d.run(&["init", "--backend", "soft"]).ok();
+    let v: serde_json::Value =
+        serde_json::from_slice(&d.run(&["status", "--json"]).ok().stdout).unwrap();
+    assert_eq!(v["process"]["secrets_locked"], true, "{v}");
+
+    let parent = d.state.parent().unwrap();
+    let ok = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(parent)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new("prlimit")
+        .args([
+            "--memlock=0:0",
+            "setpriv",
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+        ])
+        .arg("--clear-groups")
+        .arg(env!("CARGO_BIN_EXE_devid"))
+        .arg("--state-dir")
+        .arg(&d.state)
+        .arg("status")
+        .env("DEVID_CONFIG_FILE", parent.join("devid.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("WARNING: mlock failed"), "{text}");
 }

@@ -167,12 +167,12 @@ fn cli_flow_through_a_bus_probe_shows_no_secret() {
 fn pcr_bound_vault_refuses_after_extend() {
     let tpm = Swtpm::start();
     let d = Devid::new().tcti(&tpm.tcti());
-    d.run(&["init", "--backend", "tpm", "--pcrs", "16"]).ok();
+    d.run(&["init", "--backend", "tpm", "--pcrs", "8"]).ok();
     d.run_stdin(&["secret", "put", "s"], b"pcr-secret").ok();
     assert_eq!(d.run(&["secret", "get", "s"]).ok().stdout, b"pcr-secret");
     let (ok, _, err) = tpm.tpm2(
         "tpm2_pcrextend",
-        &["16:sha256=1111111111111111111111111111111111111111111111111111111111111111"],
+        &["8:sha256=1111111111111111111111111111111111111111111111111111111111111111"],
     );
     assert!(ok, "{err}");
     let r = d.run(&["secret", "get", "s"]);
@@ -183,6 +183,36 @@ fn pcr_bound_vault_refuses_after_extend() {
         r.stderr
     );
     assert!(r.stdout.is_empty());
+}
+
+/// Review M1/M5: with `--pcrs` the device key's use is PCR-bound as well: after a changed
+/// boot (an extended PCR) the key no longer signs, so a modified OS cannot authenticate as
+/// the device, while the public key stays readable.
+#[test]
+fn pcr_bound_device_key_refuses_to_sign_after_extend() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm", "--pcrs", "8"]).ok();
+    let key = d.public_key();
+    let sig = d.run_stdin(&["sign"], b"good boot").ok().stdout;
+    let sig = p256::ecdsa::Signature::from_der(&sig).unwrap();
+    assert!(devid_keystore::verify(&key, b"good boot", &sig));
+    let state = std::fs::read_to_string(d.state.join("state.toml")).unwrap();
+    assert!(state.contains("key_pcrs = [8]"), "{state}");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_pcrextend",
+        &["8:sha256=2222222222222222222222222222222222222222222222222222222222222222"],
+    );
+    assert!(ok, "{err}");
+    let r = d.run_stdin(&["sign"], b"modified boot");
+    assert_ne!(r.code, 0, "the device key signed after the boot changed");
+    assert!(
+        r.stderr.contains("PCR policy not satisfied"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+    assert_eq!(d.public_key(), key);
 }
 
 #[test]
@@ -197,4 +227,117 @@ fn no_tpm_is_a_clear_error() {
         "tpm2-tss noise leaked: {}",
         r.stderr
     );
+}
+
+/// Issue 12 item 3: on a TPM without a resource manager, a full object memory (what a killed
+/// process leaves behind) is explained, and a plain command does not flush anything (only
+/// `devid agent` may: it could cut a running agent's objects).
+#[test]
+fn full_tpm_object_memory_is_explained_and_not_flushed_by_commands() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    d.run(&["init", "--backend", "tpm"]).ok();
+    let ctx = d.state.parent().unwrap().join("p.ctx");
+    let ctx = ctx.display().to_string();
+    // Another TPM user's leftovers: fill every transient object slot of swtpm.
+    let mut loaded = 0;
+    for _ in 0..8 {
+        let (ok, _, _) = tpm.tpm2("tpm2_createprimary", &["-C", "o", "-c", &ctx]);
+        if !ok {
+            break;
+        }
+        loaded += 1;
+    }
+    assert!(loaded >= 2, "could not fill the TPM ({loaded} objects)");
+    let r = d.run(&["status"]);
+    assert_ne!(r.code, 0, "status worked with a full TPM");
+    assert!(
+        r.stderr.contains("no free object slot") && r.stderr.contains("devid agent"),
+        "{}",
+        r.stderr
+    );
+    let (_, handles, _) = tpm.tpm2("tpm2_getcap", &["handles-transient"]);
+    assert_eq!(
+        handles.matches("0x80").count(),
+        loaded,
+        "a plain command flushed other users' objects: {handles}"
+    );
+}
+
+/// Review M5: PCRs 16-23 can be reset by software, so a binding to them proves nothing;
+/// `devid init` refuses them unless explicitly allowed.
+#[test]
+fn resettable_pcrs_are_refused_unless_allowed() {
+    let tpm = Swtpm::start();
+    let d = Devid::new().tcti(&tpm.tcti());
+    for list in ["16", "7,23"] {
+        let r = d.run(&["init", "--backend", "tpm", "--pcrs", list]);
+        assert_ne!(r.code, 0, "--pcrs {list} accepted");
+        assert!(
+            r.stderr.contains("can be reset by software"),
+            "{}",
+            r.stderr
+        );
+        assert!(!d.state.join("state.toml").exists());
+    }
+    d.run(&[
+        "init",
+        "--backend",
+        "tpm",
+        "--pcrs",
+        "16",
+        "--allow-resettable-pcrs",
+    ])
+    .ok();
+}
+
+/// Review L1: a persistent key at 0x81000001 is used as the SRK only if it has the standard
+/// template; another key there (here an RSA primary) is refused at init, clearly.
+#[test]
+fn persistent_srk_of_another_template_is_refused() {
+    let tpm = Swtpm::start();
+    let ctx = tpm.state_dir().join("p.ctx").display().to_string();
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "rsa2048", "-c", &ctx],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, "0x81000001"]);
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    let d = Devid::new().tcti(&tpm.tcti());
+    let r = d.run(&["init", "--backend", "tpm"]);
+    assert_ne!(r.code, 0, "init used a non-standard persistent SRK");
+    assert!(
+        r.stderr
+            .contains("does not match the standard storage key template"),
+        "{}",
+        r.stderr
+    );
+
+    // The standard SRK there is used.
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-G",
+            "ecc256:aes128cfb",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+            "-c",
+            &ctx,
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = tpm.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, "0x81000001"]);
+    assert!(ok, "{err}");
+    let _ = tpm.tpm2("tpm2_flushcontext", &["-t"]);
+    let e = Devid::new().tcti(&tpm.tcti());
+    e.run(&["init", "--backend", "tpm"]).ok();
+    let state = std::fs::read_to_string(e.state.join("state.toml")).unwrap();
+    assert!(state.contains("srk_handle = 2164260865"), "{state}");
+    e.round_trip();
 }

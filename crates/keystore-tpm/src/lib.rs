@@ -72,6 +72,10 @@ pub struct TpmConfig {
     pub pcrs: Vec<u8>,
     /// The key file, relative to the state dir.
     pub key_file: String,
+    /// PCRs (SHA-256 bank) the device key's *use* is bound to (PolicyPCR): with a changed
+    /// boot the key no longer signs. Empty for none (vaults made before this existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_pcrs: Vec<u8>,
 }
 
 /// Options for [`TpmKeystore::create`].
@@ -81,9 +85,19 @@ pub struct TpmInitOptions {
     pub tcti: String,
     /// PCRs (SHA-256 bank) to bind sealing to.
     pub pcrs: Vec<u8>,
+    /// Accept PCRs 16-23, which software can reset (review M5): a binding to them proves
+    /// nothing about the boot. Off by default.
+    pub allow_resettable_pcrs: bool,
+    /// Also bind the device key's use to `pcrs` (PolicyPCR; the key has no auth value path:
+    /// userWithAuth is clear), so a modified OS cannot sign with it.
+    pub bind_key_to_pcrs: bool,
 }
 
-/// Parse a PCR list such as `7` or `0,2,4,7` or `16`.
+/// First PCR of the range the PC Client profile lets software reset (16 debug, 23
+/// application, and 17-22 from the dynamic-launch localities).
+pub const FIRST_RESETTABLE_PCR: u8 = 16;
+
+/// Parse a PCR list such as `7` or `0,2,4,7`.
 pub fn parse_pcr_list(s: &str) -> Result<Vec<u8>, KeystoreError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -145,7 +159,107 @@ fn backend_err(operation: &'static str, e: impl std::fmt::Display) -> KeystoreEr
 }
 
 fn tss(operation: &'static str) -> impl Fn(tss_esapi::Error) -> KeystoreError {
-    move |e| backend_err(operation, e)
+    move |e| tss_err(operation, e)
+}
+
+/// A TPM error, with TPM_RC_OBJECT_MEMORY / TPM_RC_SESSION_MEMORY explained: on a TPM without
+/// a resource manager a crashed process leaves its objects and sessions loaded.
+fn tss_err(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
+    if let tss_esapi::Error::Tss2Error(rc) = e {
+        let what = match rc.kind() {
+            Some(Tss2ResponseCodeKind::ObjectMemory) => Some("object"),
+            Some(Tss2ResponseCodeKind::SessionMemory) => Some("session"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return KeystoreError::Backend {
+                backend: "TPM",
+                operation,
+                detail: format!(
+                    "{e}: the TPM has no free {what} slot. Without a resource manager (swtpm, \
+                     mssim, device:/dev/tpm0) a process that died (kill -9, OOM) leaves its \
+                     objects and sessions loaded: `devid agent` flushes them when it starts; \
+                     otherwise run `tpm2_flushcontext -t -l -s` while no other TPM user runs, \
+                     or use /dev/tpmrm0"
+                ),
+            };
+        }
+    }
+    backend_err(operation, e)
+}
+
+/// Whether `tcti` reaches the TPM through a resource manager (the kernel's `/dev/tpmrm*`, or
+/// tpm2-abrmd), which flushes a dead client's objects and sessions by itself.
+pub fn tcti_has_resource_manager(tcti: &str) -> bool {
+    let t = tcti.trim();
+    if t.starts_with("tabrmd") {
+        return true;
+    }
+    match t.strip_prefix("device") {
+        // `device` alone means /dev/tpm0: no resource manager.
+        Some(rest) => rest.contains("tpmrm"),
+        None => false,
+    }
+}
+
+/// What [`flush_leftovers`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Transient objects.
+    pub objects: usize,
+    /// Loaded or saved sessions.
+    pub sessions: usize,
+}
+
+/// On a TCTI without a resource manager ([`tcti_has_resource_manager`]), flush every transient
+/// object and session left in the TPM, e.g. by a previous agent killed with `kill -9`. Does
+/// nothing through a resource manager.
+///
+/// This cuts the objects of *every* TPM user, so only a process that is the TPM's sole user
+/// may call it: `devid agent` at start (docs/agent.md says so), never the other commands.
+pub fn flush_leftovers(tcti: &str) -> Result<Flushed, KeystoreError> {
+    use tss_esapi::constants::tss::{
+        TPM2_ACTIVE_SESSION_FIRST, TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST,
+    };
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let mut out = Flushed::default();
+    if tcti_has_resource_manager(tcti) {
+        return Ok(out);
+    }
+    let mut ctx = connect(tcti)?;
+    for (first, session) in [
+        (TPM2_TRANSIENT_FIRST, false),
+        (TPM2_LOADED_SESSION_FIRST, true),
+        (TPM2_ACTIVE_SESSION_FIRST, true),
+    ] {
+        let (data, _more) = ctx
+            .get_capability(CapabilityType::Handles, first, 64)
+            .map_err(tss("list leftover handles"))?;
+        let CapabilityData::Handles(list) = data else {
+            continue;
+        };
+        for h in list.into_inner() {
+            // Stay within the range asked for (a TPM lists from `first` onwards).
+            if u32::from(h) >> 24 != first >> 24 {
+                continue;
+            }
+            let raw = u32::from(h);
+            let flushed = ctx
+                .tr_from_tpm_public(h)
+                .and_then(|obj| ctx.flush_context(obj));
+            if let Err(e) = flushed {
+                tracing::warn!(handle = format!("{raw:#010x}"), error = %e, "cannot flush a leftover TPM handle");
+                continue;
+            }
+            if session {
+                out.sessions += 1;
+            } else {
+                out.objects += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The standard ECC P-256 storage key template (TCG "SRK template", as made by
@@ -178,12 +292,13 @@ fn srk_template() -> Result<Public, KeystoreError> {
         .map_err(tss("build SRK template"))
 }
 
-fn device_key_template() -> Result<Public, KeystoreError> {
+fn device_key_template(policy: Option<Digest>) -> Result<Public, KeystoreError> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
+        // With a PCR policy the key is usable only through it, never with its (empty) auth.
+        .with_user_with_auth(policy.is_none())
         .with_sign_encrypt(true)
         .with_decrypt(false)
         .with_restricted(false)
@@ -202,6 +317,7 @@ fn device_key_template() -> Result<Public, KeystoreError> {
             .map_err(tss("build key template"))?,
         )
         .with_ecc_unique_identifier(EccPoint::default())
+        .with_auth_policy(policy.unwrap_or_default())
         .build()
         .map_err(tss("build key template"))
 }
@@ -292,14 +408,24 @@ fn connect(tcti: &str) -> Result<Context, KeystoreError> {
 }
 
 /// Get the SRK: the persistent one if asked for, else create the primary from the template.
-fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, KeystoreError> {
+/// `check_template`: refuse a persistent key whose public area is not the standard template
+/// (at init; on open the pinned Name, a hash of the whole public area, already covers it).
+fn load_srk(
+    ctx: &mut Context,
+    handle: Option<u32>,
+    check_template: bool,
+) -> Result<KeyHandle, KeystoreError> {
     match handle {
         Some(h) => {
             let ph = PersistentTpmHandle::new(h).map_err(tss("persistent SRK handle"))?;
             let obj = ctx
                 .tr_from_tpm_public(TpmHandle::Persistent(ph))
                 .map_err(tss("read persistent SRK"))?;
-            Ok(KeyHandle::from(obj))
+            let key = KeyHandle::from(obj);
+            if check_template {
+                check_srk_template(ctx, key, h)?;
+            }
+            Ok(key)
         }
         None => {
             // CreatePrimary carries no secret (empty auth, empty sensitive data): a password
@@ -311,6 +437,54 @@ fn load_srk(ctx: &mut Context, handle: Option<u32>) -> Result<KeyHandle, Keystor
             })?;
             Ok(result.key_handle)
         }
+    }
+}
+
+/// Use a persistent key as the SRK only if its public area is the standard ECC P-256 SRK
+/// template (everything but the public point): a key of another template (say, one an
+/// attacker provisioned with a known policy, or a signing key) is refused (review L1).
+fn check_srk_template(ctx: &mut Context, key: KeyHandle, handle: u32) -> Result<(), KeystoreError> {
+    let (public, _, _) = ctx
+        .read_public(key)
+        .map_err(tss("read persistent SRK public area"))?;
+    let want = srk_template()?;
+    let same = match (&public, &want) {
+        (
+            Public::Ecc {
+                object_attributes: a1,
+                name_hashing_algorithm: n1,
+                auth_policy: p1,
+                parameters: e1,
+                ..
+            },
+            Public::Ecc {
+                object_attributes: a2,
+                name_hashing_algorithm: n2,
+                auth_policy: p2,
+                parameters: e2,
+                ..
+            },
+        ) => {
+            // noDA only changes dictionary-attack accounting of an empty-auth key; tpm2-tools
+            // creates primaries without it by default, the TCG template has it.
+            let no_da = tss_esapi::constants::tss::TPMA_OBJECT_NODA;
+            let attrs = |a: &tss_esapi::attributes::ObjectAttributes| {
+                tss_esapi::tss2_esys::TPMA_OBJECT::from(*a) & !no_da
+            };
+            attrs(a1) == attrs(a2) && n1 == n2 && p1 == p2 && e1 == e2
+        }
+        _ => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(KeystoreError::Config(format!(
+            "the persistent key at {handle:#010x} does not match the standard storage key \
+             template (ECC P-256, AES-128-CFB, fixedTPM|fixedParent|sensitiveDataOrigin|\
+             userWithAuth|restricted|decrypt with or without noDA, empty policy): devid will not use it as its \
+             SRK. Evict it (tpm2_evictcontrol -C o -c {handle:#010x}) or provision the \
+             standard SRK there (tpm2_createprimary -C o -G ecc256:aes128cfb)"
+        )))
     }
 }
 
@@ -370,7 +544,7 @@ impl Inner {
         key_file: TpmKeyFile,
     ) -> Result<Inner, KeystoreError> {
         let mut ctx = connect(tcti)?;
-        let srk = load_srk(&mut ctx, config.srk_handle)?;
+        let srk = load_srk(&mut ctx, config.srk_handle, false)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
         if name != config.srk_name {
             return Err(KeystoreError::OtherDevice {
@@ -421,7 +595,26 @@ fn load_error(operation: &'static str, e: tss_esapi::Error) -> KeystoreError {
             };
         }
     }
-    backend_err(operation, e)
+    tss_err(operation, e)
+}
+
+/// A PolicyPCR failure is [`KeystoreError::PolicyNotSatisfied`]; anything else a TPM error.
+fn pcr_policy_error(operation: &'static str, pcrs: &[u8], e: tss_esapi::Error) -> KeystoreError {
+    match e {
+        tss_esapi::Error::Tss2Error(rc)
+            if matches!(
+                rc.kind(),
+                Some(Tss2ResponseCodeKind::PolicyFail)
+                    | Some(Tss2ResponseCodeKind::PcrChanged)
+                    | Some(Tss2ResponseCodeKind::Value)
+            ) =>
+        {
+            KeystoreError::PolicyNotSatisfied {
+                pcrs: pcr_list_string(pcrs),
+            }
+        }
+        e => backend_err(operation, e),
+    }
 }
 
 fn short(hex_name: &str) -> String {
@@ -442,14 +635,43 @@ impl TpmKeystore {
                 key_path.display()
             )));
         }
+        if let Some(p) = opts
+            .pcrs
+            .iter()
+            .find(|p| **p >= FIRST_RESETTABLE_PCR)
+            .filter(|_| !opts.allow_resettable_pcrs)
+        {
+            return Err(KeystoreError::Config(format!(
+                "PCR {p} can be reset by software (PCRs {FIRST_RESETTABLE_PCR}-23), so binding \
+                 the data key to it proves nothing about the boot; choose PCRs 0-15 (e.g. 7 for \
+                 Secure Boot), or allow it explicitly (devid init --allow-resettable-pcrs)"
+            )));
+        }
         let mut ctx = connect(&opts.tcti)?;
         let srk_handle = persistent_srk_present(&mut ctx).then_some(SRK_PERSISTENT_HANDLE);
-        let srk = load_srk(&mut ctx, srk_handle)?;
+        let srk = load_srk(&mut ctx, srk_handle, true)?;
         let name = hex::encode(srk_name(&mut ctx, srk)?);
+        let key_pcrs = if opts.bind_key_to_pcrs {
+            opts.pcrs.clone()
+        } else {
+            Vec::new()
+        };
+        let key_policy = if key_pcrs.is_empty() {
+            None
+        } else {
+            Some(Self::policy_digest(&mut ctx, &key_pcrs)?)
+        };
         let session = start_salted_session(&mut ctx, srk, SessionType::Hmac, true)?;
         let created = ctx.execute_with_session(Some(session), |ctx| {
-            ctx.create(srk, device_key_template()?, None, None, None, None)
-                .map_err(tss("create device key"))
+            ctx.create(
+                srk,
+                device_key_template(key_policy)?,
+                None,
+                None,
+                None,
+                None,
+            )
+            .map_err(tss("create device key"))
         })?;
         let public_bytes = created
             .out_public
@@ -469,6 +691,7 @@ impl TpmKeystore {
             srk_name: name,
             pcrs: opts.pcrs.clone(),
             key_file: KEY_FILE.into(),
+            key_pcrs,
         };
         let inner = Inner {
             ctx,
@@ -527,10 +750,9 @@ impl TpmKeystore {
             .map_err(|_| backend_err("lock", "a previous TPM operation panicked"))
     }
 
-    fn policy_digest(inner: &mut Inner, pcrs: &[u8]) -> Result<Digest, KeystoreError> {
+    fn policy_digest(ctx: &mut Context, pcrs: &[u8]) -> Result<Digest, KeystoreError> {
         let selection = pcr_selection(pcrs)?;
-        let (_, read_sel, digests) = inner
-            .ctx
+        let (_, read_sel, digests) = ctx
             .execute_without_session(|ctx| ctx.pcr_read(selection.clone()))
             .map_err(tss("read PCRs"))?;
         if read_sel != selection {
@@ -543,8 +765,7 @@ impl TpmKeystore {
             h.update(d.value());
         }
         let pcr_digest = Digest::try_from(h.finalize().to_vec()).map_err(tss("PCR digest"))?;
-        let trial = inner
-            .ctx
+        let trial = ctx
             .start_auth_session(
                 None,
                 None,
@@ -556,16 +777,13 @@ impl TpmKeystore {
             .map_err(tss("start trial session"))?
             .ok_or_else(|| backend_err("start trial session", "TPM returned no session"))?;
         let policy = PolicySession::try_from(trial).map_err(tss("trial session"))?;
-        let result = inner
-            .ctx
+        let result = ctx
             .execute_without_session(|ctx| {
                 ctx.policy_pcr(policy, pcr_digest, selection)?;
                 ctx.policy_get_digest(policy)
             })
             .map_err(tss("compute PCR policy"));
-        let _ = inner
-            .ctx
-            .flush_context(ObjectHandle::from(SessionHandle::from(trial)));
+        let _ = ctx.flush_context(ObjectHandle::from(SessionHandle::from(trial)));
         result
     }
 }
@@ -641,20 +859,41 @@ impl Keystore for TpmKeystore {
             digest: Default::default(),
         })
         .map_err(tss("hashcheck ticket"))?;
-        let session = inner.session;
-        let sig = inner
-            .ctx
-            .execute_with_session(Some(session), |ctx| {
-                ctx.sign(
-                    key,
-                    digest,
-                    SignatureScheme::EcDsa {
-                        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-                    },
-                    validation,
-                )
-            })
-            .map_err(tss("sign"))?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let sig = if self.config.key_pcrs.is_empty() {
+            let session = inner.session;
+            inner
+                .ctx
+                .execute_with_session(Some(session), |ctx| {
+                    ctx.sign(key, digest, scheme, validation)
+                })
+                .map_err(tss("sign"))?
+        } else {
+            // The key signs only in a policy session that satisfied PolicyPCR (salted and
+            // parameter-encrypted like every other session).
+            let pcrs = self.config.key_pcrs.as_slice();
+            let selection = pcr_selection(pcrs)?;
+            let srk = inner.srk;
+            let param_encryption = inner.param_encryption;
+            let psession =
+                start_salted_session(&mut inner.ctx, srk, SessionType::Policy, param_encryption)?;
+            let policy = PolicySession::try_from(psession).map_err(tss("policy session"))?;
+            let r = inner
+                .ctx
+                .execute_without_session(|ctx| ctx.policy_pcr(policy, Digest::default(), selection))
+                .and_then(|_| {
+                    inner.ctx.execute_with_session(Some(psession), |ctx| {
+                        ctx.sign(key, digest, scheme, validation)
+                    })
+                })
+                .map_err(|e| pcr_policy_error("sign", pcrs, e));
+            let _ = inner
+                .ctx
+                .flush_context(ObjectHandle::from(SessionHandle::from(psession)));
+            r?
+        };
         match sig {
             tss_esapi::structures::Signature::EcDsa(ecc) => devid_keystore::signature_from_scalars(
                 ecc.signature_r().value(),
@@ -670,7 +909,7 @@ impl Keystore for TpmKeystore {
         let policy = if pcrs.is_empty() {
             None
         } else {
-            Some(Self::policy_digest(&mut inner, &pcrs)?)
+            Some(Self::policy_digest(&mut inner.ctx, &pcrs)?)
         };
         let data =
             SensitiveData::try_from(secret.to_vec()).map_err(tss("secret too large to seal"))?;
@@ -729,21 +968,7 @@ impl Keystore for TpmKeystore {
                         .ctx
                         .execute_with_session(Some(psession), |ctx| ctx.unseal(obj.into()))
                 })
-                .map_err(|e| match e {
-                    tss_esapi::Error::Tss2Error(rc)
-                        if matches!(
-                            rc.kind(),
-                            Some(Tss2ResponseCodeKind::PolicyFail)
-                                | Some(Tss2ResponseCodeKind::PcrChanged)
-                                | Some(Tss2ResponseCodeKind::Value)
-                        ) =>
-                    {
-                        KeystoreError::PolicyNotSatisfied {
-                            pcrs: pcr_list_string(pcrs),
-                        }
-                    }
-                    e => backend_err("unseal", e),
-                });
+                .map_err(|e| pcr_policy_error("unseal", pcrs, e));
             let _ = inner
                 .ctx
                 .flush_context(ObjectHandle::from(SessionHandle::from(psession)));
@@ -775,5 +1000,30 @@ pub mod danger {
             .ctx
             .tr_sess_set_attributes(session, attrs, mask)
             .map_err(tss("set session attributes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcti_has_resource_manager;
+
+    #[test]
+    fn resource_manager_is_recognised_from_the_tcti() {
+        for with_rm in [
+            "device:/dev/tpmrm0",
+            "device:/dev/tpmrm1",
+            "tabrmd:",
+            "tabrmd",
+        ] {
+            assert!(tcti_has_resource_manager(with_rm), "{with_rm}");
+        }
+        for without in [
+            "device:/dev/tpm0",
+            "device",
+            "swtpm:host=127.0.0.1,port=2321",
+            "mssim:host=localhost,port=2321",
+        ] {
+            assert!(!tcti_has_resource_manager(without), "{without}");
+        }
     }
 }

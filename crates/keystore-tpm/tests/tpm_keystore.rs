@@ -25,6 +25,7 @@ fn create(
         &TpmInitOptions {
             tcti: tpm_tcti,
             pcrs,
+            ..TpmInitOptions::default()
         },
     )
     .unwrap();
@@ -133,6 +134,7 @@ fn no_tpm_is_a_clear_error() {
         &TpmInitOptions {
             tcti: format!("swtpm:host=127.0.0.1,port={port}"),
             pcrs: vec![],
+            ..TpmInitOptions::default()
         },
     )
     .unwrap_err();
@@ -142,14 +144,14 @@ fn no_tpm_is_a_clear_error() {
 #[test]
 fn pcr_policy_refuses_after_extend() {
     let tpm = Swtpm::start();
-    let (dir, ks, cfg) = create(tpm.tcti(), vec![16]);
-    let blob = ks.seal(b"bound-to-pcr-16").unwrap();
-    assert_eq!(ks.unseal(&blob).unwrap().expose(), b"bound-to-pcr-16");
+    let (dir, ks, cfg) = create(tpm.tcti(), vec![8]);
+    let blob = ks.seal(b"bound-to-pcr-8").unwrap();
+    assert_eq!(ks.unseal(&blob).unwrap().expose(), b"bound-to-pcr-8");
     drop(ks); // swtpm serves one client at a time
 
     let (ok, _, err) = tpm.tpm2(
         "tpm2_pcrextend",
-        &["16:sha256=0000000000000000000000000000000000000000000000000000000000000001"],
+        &["8:sha256=0000000000000000000000000000000000000000000000000000000000000001"],
     );
     assert!(ok, "tpm2_pcrextend failed: {err}");
 

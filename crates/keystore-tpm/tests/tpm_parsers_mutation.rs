@@ -53,6 +53,7 @@ fn mutated_key_files_and_sealed_blobs_never_panic() {
         &TpmInitOptions {
             tcti: tpm.tcti(),
             pcrs: vec![7],
+            ..TpmInitOptions::default()
         },
     )
     .unwrap();

@@ -114,10 +114,10 @@ pub enum KeystoreError {
         /// What did not match (names, serials), never a secret.
         detail: String,
     },
-    /// The sealed object is bound to PCR values that the platform no longer has.
+    /// The sealed object or the device key is bound to PCR values the platform no longer has.
     #[error(
-        "PCR policy not satisfied: the sealed key is bound to PCRs {pcrs} and the platform's \
-         measurements changed (modified boot chain?)"
+        "PCR policy not satisfied: the key (sealed data key or device key) is bound to PCRs \
+         {pcrs} and the platform's measurements changed (modified boot chain?)"
     )]
     PolicyNotSatisfied {
         /// The PCR list, as given at init.

@@ -148,6 +148,13 @@ impl PartialEq for SecretBytes {
 
 impl Eq for SecretBytes {}
 
+/// The supplementary groups of the peer of a connected Unix socket (`SO_PEERGROUPS`): read
+/// from the socket, not from `/proc`, so the check works under `ProtectProc=invisible` and
+/// does not race with PID reuse.
+pub fn socket_peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    sys::peer_groups(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

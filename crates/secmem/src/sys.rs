@@ -68,3 +68,41 @@ pub(crate) fn unlock(buf: &[u8]) {
         libc::munlock(buf.as_ptr().cast(), buf.len());
     }
 }
+
+/// The supplementary groups of the peer of the connected Unix socket `fd`, as the kernel
+/// recorded them at `connect` (`SO_PEERGROUPS`, Linux 4.13+). Needs no `/proc`, so it works
+/// under systemd's `ProtectProc=invisible` and cannot race with PID reuse.
+pub(crate) fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..4 {
+        let mut len = libc::socklen_t::try_from(groups.len() * GID)
+            .map_err(|_| io::Error::other("too many peer groups"))?;
+        // SAFETY: `groups` is an owned, initialised buffer of `len` bytes that outlives the
+        // call; the kernel writes at most `len` bytes into it and stores the length it needs
+        // (or wrote) into `len`, which is a valid, writable socklen_t. `fd` is a borrowed,
+        // open descriptor.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID;
+        if rc == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(e);
+    }
+    Err(io::Error::other("the peer's group list kept growing"))
+}

@@ -26,6 +26,30 @@
 //! | 43 | 12 | nonce, fresh from the OS RNG on every write |
 //! | 55 | n+16 | ciphertext of the plaintext, then the 16-byte GCM tag |
 //!
+//! # Bundle file format, version 2 (bound to the state file)
+//!
+//! Version 2 adds one field after the key binding: the **state binding**, a SHA-256 over the
+//! trust-relevant fields of the device's `state.toml` (backend, pinned SRK Name or token
+//! serial, PCR list...; the `devid` crate computes it). The header is then 87 bytes
+//! ([`HEADER_LEN_V2`]) and, as in version 1, all of it is the associated data:
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0  | 8  | magic `b"DEVIDVB1"` |
+//! | 8  | 2  | format version, `2` ([`FORMAT_VERSION_BOUND`]) |
+//! | 10 | 1  | AEAD id |
+//! | 11 | 32 | key binding |
+//! | 43 | 32 | state binding |
+//! | 75 | 12 | nonce |
+//! | 87 | n+16 | ciphertext, then the tag |
+//!
+//! A [`Vault`] opened with a state binding ([`Vault::open_bound`]) refuses a version-2 bundle
+//! whose state binding differs ([`VaultError::StateChanged`]) and writes version 2. A
+//! version-1 bundle (written before state binding existed) still opens, and the next
+//! [`Vault::store`] upgrades it in place. The stored binding can be read without any key
+//! ([`bundle_state_binding`]), so a changed `state.toml` is refused before a keystore is
+//! even opened; an attacker who rewrites the binding too is refused by the tag.
+//!
 //! The associated data is the whole 55-byte header ([`HEADER_LEN`]): magic, version, AEAD id,
 //! key binding and nonce are all authenticated, so any changed bit anywhere in the file is
 //! refused ([`VaultError::Tampered`], or [`VaultError::Format`] when the header is not even
@@ -58,8 +82,10 @@
 //!
 //! [`Vault::store`] writes through [`write_atomic_private`]: temp file, fsync, rename, fsync
 //! of the directory, mode 0600. After a power loss the bundle is either the old or the new
-//! one, never a mix. Stores from one `Vault` are serialised; two processes storing at once
-//! each write a whole bundle and the last rename wins.
+//! one, never a mix. The temp file has a random name and is opened `O_EXCL | O_NOFOLLOW`.
+//! Every store holds an advisory `flock` on `<state dir>/.lock`; [`Vault::update`] holds it
+//! around the whole read-modify-write, so the agent's renewal and a concurrent
+//! `devid secret put` or `devid config set` cannot lose each other's update.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -71,7 +97,7 @@ use std::sync::{Arc, Mutex};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use devid_keystore::fsutil::{ensure_private_dir, write_atomic_private};
+use devid_keystore::fsutil::{ensure_private_dir, write_atomic_private, DirLock};
 use devid_keystore::{Keystore, KeystoreError};
 use rand_core::{OsRng, RngCore};
 use serde::de::{self, Deserializer, Visitor};
@@ -89,8 +115,13 @@ pub const DATA_KEY_FILE: &str = "datakey.sealed";
 
 /// First eight bytes of every bundle.
 pub const MAGIC: &[u8; 8] = b"DEVIDVB1";
-/// The bundle format version this crate reads and writes.
+/// The bundle format version of an unbound bundle ([`seal_bundle`], or a [`Vault`] opened
+/// without a state binding).
 pub const FORMAT_VERSION: u16 = 1;
+/// The bundle format version of a bundle bound to the state file (see the crate docs).
+pub const FORMAT_VERSION_BOUND: u16 = 2;
+/// Length of the state binding field (a SHA-256).
+pub const STATE_BINDING_LEN: usize = 32;
 /// AEAD id of AES-256-GCM in the header.
 pub const AEAD_AES_256_GCM: u8 = 1;
 /// Length of the key binding field (a SHA-256).
@@ -101,6 +132,8 @@ pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 /// Length of the header (magic, version, AEAD id, key binding, nonce): the associated data.
 pub const HEADER_LEN: usize = MAGIC.len() + 2 + 1 + KEY_BINDING_LEN + NONCE_LEN;
+/// Length of a version-2 header (with the state binding).
+pub const HEADER_LEN_V2: usize = HEADER_LEN + STATE_BINDING_LEN;
 /// Largest bundle file this crate writes or reads (1 MiB).
 pub const MAX_BUNDLE_SIZE: usize = 1 << 20;
 /// Length of the data key.
@@ -114,6 +147,8 @@ const OFF_VERSION: usize = MAGIC.len();
 const OFF_ALG: usize = OFF_VERSION + 2;
 const OFF_BINDING: usize = OFF_ALG + 1;
 const OFF_NONCE: usize = OFF_BINDING + KEY_BINDING_LEN;
+const OFF_STATE_V2: usize = OFF_BINDING + KEY_BINDING_LEN;
+const OFF_NONCE_V2: usize = OFF_STATE_V2 + STATE_BINDING_LEN;
 
 /// Errors of the vault. Messages say what failed and what to do; they never carry a secret
 /// value, a key or decrypted content.
@@ -126,6 +161,15 @@ pub enum VaultError {
          device); nothing in it was used"
     )]
     Tampered,
+    /// The bundle was bound to other trust-relevant fields of `state.toml` than the ones
+    /// there now: the state file was edited (or the state dir put together from two vaults).
+    #[error(
+        "state.toml was changed since the bundle was written (its backend, pinned SRK Name or \
+         token serial, or PCR list differ from what the bundle is bound to): the state dir was \
+         modified; nothing in it was used. Restore the original state.toml, or remove the \
+         state dir and run `devid init` and `devid enroll` again"
+    )]
+    StateChanged,
     /// The file is not a bundle this version can read (truncated, wrong magic, unknown
     /// version or algorithm, unparsable contents).
     #[error("bundle format: {0}")]
@@ -393,7 +437,7 @@ fn serialise(c: &Contents) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     let mut counter = Counter(0);
     serde_json::to_writer(&mut counter, &out).map_err(serialise_error)?;
     let len = counter.0;
-    let size = HEADER_LEN.saturating_add(len).saturating_add(TAG_LEN);
+    let size = HEADER_LEN_V2.saturating_add(len).saturating_add(TAG_LEN);
     if size > MAX_BUNDLE_SIZE {
         return Err(VaultError::TooLarge {
             size,
@@ -442,6 +486,8 @@ struct Header<'a> {
     /// The whole header: the associated data.
     aad: &'a [u8],
     key_binding: [u8; KEY_BINDING_LEN],
+    /// The state binding of a version-2 bundle.
+    state_binding: Option<[u8; STATE_BINDING_LEN]>,
     nonce: [u8; NONCE_LEN],
     /// Ciphertext followed by the tag.
     sealed: &'a [u8],
@@ -475,12 +521,19 @@ fn parse_header(bytes: &[u8]) -> Result<Header<'_>, VaultError> {
         )));
     }
     let version = u16::from_be_bytes([bytes[OFF_VERSION], bytes[OFF_VERSION + 1]]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_BOUND {
         return Err(VaultError::Format(format!(
-            "unsupported bundle format version {version} (this devid reads version \
-             {FORMAT_VERSION}): use the devid release that wrote it, or a newer one"
+            "unsupported bundle format version {version} (this devid reads versions \
+             {FORMAT_VERSION} and {FORMAT_VERSION_BOUND}): use the devid release that wrote it, \
+             or a newer one"
         )));
     }
+    let (header_len, off_nonce) = if version == FORMAT_VERSION_BOUND {
+        (HEADER_LEN_V2, OFF_NONCE_V2)
+    } else {
+        (HEADER_LEN, OFF_NONCE)
+    };
+    let min = header_len + TAG_LEN;
     if bytes.len() < min {
         return Err(VaultError::Format(format!(
             "truncated: {} bytes, a bundle has at least {min}",
@@ -494,14 +547,20 @@ fn parse_header(bytes: &[u8]) -> Result<Header<'_>, VaultError> {
         )));
     }
     let mut key_binding = [0u8; KEY_BINDING_LEN];
-    key_binding.copy_from_slice(&bytes[OFF_BINDING..OFF_NONCE]);
+    key_binding.copy_from_slice(&bytes[OFF_BINDING..OFF_BINDING + KEY_BINDING_LEN]);
+    let state_binding = (version == FORMAT_VERSION_BOUND).then(|| {
+        let mut b = [0u8; STATE_BINDING_LEN];
+        b.copy_from_slice(&bytes[OFF_STATE_V2..OFF_NONCE_V2]);
+        b
+    });
     let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&bytes[OFF_NONCE..HEADER_LEN]);
+    nonce.copy_from_slice(&bytes[off_nonce..header_len]);
     Ok(Header {
-        aad: &bytes[..HEADER_LEN],
+        aad: &bytes[..header_len],
         key_binding,
+        state_binding,
         nonce,
-        sealed: &bytes[HEADER_LEN..],
+        sealed: &bytes[header_len..],
     })
 }
 
@@ -530,12 +589,13 @@ pub fn open_bundle(data_key: &[u8], bytes: &[u8]) -> Result<Contents, VaultError
 /// Serialise and encrypt `c` under `data_key` (32 bytes) with a fresh random nonce and an
 /// all-zero key binding. [`Vault::store`] uses the same format with the real binding.
 pub fn seal_bundle(data_key: &[u8], c: &Contents) -> Result<Vec<u8>, VaultError> {
-    seal_bound(data_key, &[0u8; KEY_BINDING_LEN], c)
+    seal_bound(data_key, &[0u8; KEY_BINDING_LEN], None, c)
 }
 
 fn seal_bound(
     data_key: &[u8],
     key_binding: &[u8; KEY_BINDING_LEN],
+    state_binding: Option<&[u8; STATE_BINDING_LEN]>,
     c: &Contents,
 ) -> Result<Vec<u8>, VaultError> {
     c.validate()?;
@@ -544,11 +604,18 @@ fn seal_bound(
     OsRng
         .try_fill_bytes(&mut nonce)
         .map_err(|e| VaultError::Random(e.to_string()))?;
-    let mut header = Vec::with_capacity(HEADER_LEN);
+    let mut header = Vec::with_capacity(HEADER_LEN_V2);
     header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    let version = match state_binding {
+        Some(_) => FORMAT_VERSION_BOUND,
+        None => FORMAT_VERSION,
+    };
+    header.extend_from_slice(&version.to_be_bytes());
     header.push(AEAD_AES_256_GCM);
     header.extend_from_slice(key_binding);
+    if let Some(b) = state_binding {
+        header.extend_from_slice(b);
+    }
     header.extend_from_slice(&nonce);
 
     let mut buf = serialise(c)?;
@@ -590,8 +657,21 @@ pub struct Vault {
     data_key: SecretBytes,
     /// SHA-256 of the sealed data-key blob this vault was opened with.
     key_binding: [u8; KEY_BINDING_LEN],
-    /// Serialises [`Vault::store`] calls of this process (the temp file name is per process).
+    /// What the state file's trust fields hash to, when the caller bound the vault to them.
+    state_binding: Option<[u8; STATE_BINDING_LEN]>,
+    /// Serialises [`Vault::store`] calls of this process.
     write_lock: Mutex<()>,
+}
+
+/// The state binding stored in `dir`'s bundle header, read without any key: `Ok(None)` for a
+/// version-1 bundle or when there is no bundle. Not authenticated on its own (the tag covers
+/// it when the bundle is loaded); use it to refuse a changed `state.toml` early.
+pub fn bundle_state_binding(dir: &Path) -> Result<Option<[u8; STATE_BINDING_LEN]>, VaultError> {
+    let path = dir.join(BUNDLE_FILE);
+    match read_limited(&path, MAX_BUNDLE_SIZE, "bundle")? {
+        None => Ok(None),
+        Some(bytes) => Ok(parse_header(&bytes)?.state_binding),
+    }
 }
 
 impl fmt::Debug for Vault {
@@ -609,6 +689,23 @@ impl Vault {
     /// with `keystore.seal` into [`DATA_KEY_FILE`], and an empty bundle. Refuses if a bundle
     /// already exists. A `datakey.sealed` without a bundle (an interrupted create) is replaced.
     pub fn create(dir: &Path, keystore: Arc<dyn Keystore>) -> Result<Vault, VaultError> {
+        Self::create_inner(dir, keystore, None)
+    }
+
+    /// [`Vault::create`] with the bundle bound to `state_binding` (format version 2).
+    pub fn create_bound(
+        dir: &Path,
+        keystore: Arc<dyn Keystore>,
+        state_binding: [u8; STATE_BINDING_LEN],
+    ) -> Result<Vault, VaultError> {
+        Self::create_inner(dir, keystore, Some(state_binding))
+    }
+
+    fn create_inner(
+        dir: &Path,
+        keystore: Arc<dyn Keystore>,
+        state_binding: Option<[u8; STATE_BINDING_LEN]>,
+    ) -> Result<Vault, VaultError> {
         ensure_private_dir(dir).map_err(|e| VaultError::io(dir, e))?;
         let bundle = dir.join(BUNDLE_FILE);
         match bundle.try_exists() {
@@ -628,6 +725,7 @@ impl Vault {
             keystore,
             data_key,
             key_binding: Sha256::digest(&blob).into(),
+            state_binding,
             write_lock: Mutex::new(()),
         };
         vault.store(&Contents::default())?;
@@ -639,6 +737,30 @@ impl Vault {
     /// through unchanged ([`VaultError::Keystore`]): they say "other TPM", "PCR policy" and
     /// what to do.
     pub fn open(dir: &Path, keystore: Arc<dyn Keystore>) -> Result<Vault, VaultError> {
+        Self::open_inner(dir, keystore, None)
+    }
+
+    /// [`Vault::open`] for a vault bound to `state_binding`: a version-2 bundle bound to
+    /// anything else is refused ([`VaultError::StateChanged`]) before the data key is
+    /// unsealed; a version-1 bundle opens and is upgraded to version 2 by the next store.
+    pub fn open_bound(
+        dir: &Path,
+        keystore: Arc<dyn Keystore>,
+        state_binding: [u8; STATE_BINDING_LEN],
+    ) -> Result<Vault, VaultError> {
+        if let Some(stored) = bundle_state_binding(dir)? {
+            if stored != state_binding {
+                return Err(VaultError::StateChanged);
+            }
+        }
+        Self::open_inner(dir, keystore, Some(state_binding))
+    }
+
+    fn open_inner(
+        dir: &Path,
+        keystore: Arc<dyn Keystore>,
+        state_binding: Option<[u8; STATE_BINDING_LEN]>,
+    ) -> Result<Vault, VaultError> {
         let key_path = dir.join(DATA_KEY_FILE);
         let blob = read_limited(&key_path, MAX_SEALED_KEY_SIZE, "sealed data key")?
             .ok_or_else(|| VaultError::NotInitialised(dir.to_path_buf()))?;
@@ -663,6 +785,7 @@ impl Vault {
             keystore,
             data_key,
             key_binding: Sha256::digest(&blob).into(),
+            state_binding,
             write_lock: Mutex::new(()),
         })
     }
@@ -683,6 +806,17 @@ impl Vault {
                 );
                 return Err(VaultError::Tampered);
             }
+            if let (Some(stored), Some(expected)) = (h.state_binding, self.state_binding) {
+                if stored != expected {
+                    return Err(VaultError::StateChanged);
+                }
+            }
+            if h.state_binding.is_none() && self.state_binding.is_some() {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    "bundle of format 1: it is bound to state.toml on its next write"
+                );
+            }
             open_bundle(self.data_key.expose(), &bytes)
         });
         if let Err(e) = &result {
@@ -693,14 +827,49 @@ impl Vault {
 
     /// Encrypt `c` with a fresh nonce and replace the bundle atomically and durably (0600).
     /// Secret names and the CA pin are validated first.
+    ///
+    /// This replaces the whole bundle: to change some fields while other processes may write
+    /// too (the agent's renewal, `devid secret put`), use [`Vault::update`].
     pub fn store(&self, c: &Contents) -> Result<(), VaultError> {
-        let bytes = seal_bound(self.data_key.expose(), &self.key_binding, c)?;
-        let path = self.dir.join(BUNDLE_FILE);
-        // A poisoned lock only means another store panicked; the file itself is atomic.
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _dir_lock = self.dir_lock()?;
+        self.store_locked(c)
+    }
+
+    /// Read, change and write the bundle under the state dir's advisory lock
+    /// ([`DirLock`]), so a concurrent update by another process (or thread) is never lost:
+    /// `change` sees the latest stored contents. Returns what `change` returned.
+    pub fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Contents) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _dir_lock = self.dir_lock()?;
+        let mut c = self.load()?;
+        let out = change(&mut c)?;
+        self.store_locked(&c)?;
+        Ok(out)
+    }
+
+    fn dir_lock(&self) -> Result<DirLock, VaultError> {
+        DirLock::exclusive(&self.dir)
+            .map_err(|e| VaultError::io(&self.dir.join(devid_keystore::fsutil::LOCK_FILE), e))
+    }
+
+    fn store_locked(&self, c: &Contents) -> Result<(), VaultError> {
+        let bytes = seal_bound(
+            self.data_key.expose(),
+            &self.key_binding,
+            self.state_binding.as_ref(),
+            c,
+        )?;
+        let path = self.dir.join(BUNDLE_FILE);
         write_atomic_private(&path, &bytes).map_err(|e| VaultError::io(&path, e))?;
         tracing::debug!(
             dir = %self.dir.display(),
@@ -710,12 +879,82 @@ impl Vault {
         Ok(())
     }
 
+    /// A 32-byte key for one `purpose`, derived from the data key (HMAC-SHA256 keyed with
+    /// the data key over `"devid vault subkey v1\0" || purpose`, i.e. one HKDF-Expand block),
+    /// in locked, zeroized memory. It reveals nothing about the data key or about the keys of
+    /// other purposes, and it is the same on every open of this vault. The agent keys its
+    /// outbox record MACs with it.
+    pub fn derive_key(&self, purpose: &str) -> SecretBytes {
+        use hmac::{Hmac, Mac};
+        let mut out = SecretBytes::zeroed(32);
+        // HMAC accepts keys of any length, so this cannot fail for a 32-byte data key.
+        if let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(self.data_key.expose()) {
+            mac.update(b"devid vault subkey v1\0");
+            mac.update(purpose.as_bytes());
+            let tag = mac.finalize().into_bytes();
+            out.expose_mut().copy_from_slice(&tag);
+            let mut tag: [u8; 32] = tag.into();
+            tag.zeroize();
+        }
+        out
+    }
+
+    /// Whether the unsealed data key is locked in RAM (mlock succeeded). `false` means it
+    /// could be written to swap: raise `RLIMIT_MEMLOCK` (`LimitMEMLOCK=` in the unit).
+    pub fn key_locked(&self) -> bool {
+        self.data_key.is_locked()
+    }
+
+    /// What it takes to open this vault again later ([`VaultOpener::open`]) without keeping
+    /// the data key in memory meanwhile: a long-running process (the agent) drops the
+    /// [`Vault`] once it has what it needs, and unseals again only when it writes.
+    pub fn opener(&self) -> VaultOpener {
+        VaultOpener {
+            dir: self.dir.clone(),
+            keystore: Arc::clone(&self.keystore),
+            state_binding: self.state_binding,
+        }
+    }
+
     /// The state dir of this vault.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The keystore that sealed the data key.
+    pub fn keystore(&self) -> &Arc<dyn Keystore> {
+        &self.keystore
+    }
+}
+
+/// A closed vault: its state dir, keystore and state binding, but no data key. See
+/// [`Vault::opener`].
+#[derive(Clone)]
+pub struct VaultOpener {
+    dir: PathBuf,
+    keystore: Arc<dyn Keystore>,
+    state_binding: Option<[u8; STATE_BINDING_LEN]>,
+}
+
+impl fmt::Debug for VaultOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultOpener")
+            .field("dir", &self.dir)
+            .field("keystore", &self.keystore.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VaultOpener {
+    /// Unseal the data key again and open the vault, with the same state binding.
+    pub fn open(&self) -> Result<Vault, VaultError> {
+        match self.state_binding {
+            Some(b) => Vault::open_bound(&self.dir, Arc::clone(&self.keystore), b),
+            None => Vault::open(&self.dir, Arc::clone(&self.keystore)),
+        }
+    }
+
+    /// The keystore.
     pub fn keystore(&self) -> &Arc<dyn Keystore> {
         &self.keystore
     }
@@ -836,6 +1075,7 @@ mod tests {
             keystore: ks.clone(),
             data_key: v.data_key.clone(),
             key_binding: Sha256::digest(b"another datakey.sealed").into(),
+            state_binding: None,
             write_lock: Mutex::new(()),
         };
         assert!(matches!(other_blob.load(), Err(VaultError::Tampered)));
@@ -849,6 +1089,19 @@ mod tests {
         let unbound = seal_bundle(v.data_key.expose(), &c).unwrap();
         std::fs::write(d.path().join(BUNDLE_FILE), unbound).unwrap();
         assert!(matches!(v.load(), Err(VaultError::Tampered)));
+    }
+
+    #[test]
+    fn derived_keys_are_stable_per_purpose_and_not_the_data_key() {
+        let d = tempfile::tempdir().unwrap();
+        let ks: Arc<dyn Keystore> = Arc::new(SoftKeystore::create(d.path()).unwrap());
+        let v = Vault::create(d.path(), ks.clone()).unwrap();
+        let a = v.derive_key("outbox");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a.expose(), v.data_key.expose());
+        assert_ne!(a.expose(), v.derive_key("other").expose());
+        let reopened = Vault::open(d.path(), ks).unwrap();
+        assert_eq!(reopened.derive_key("outbox").expose(), a.expose());
     }
 
     #[test]

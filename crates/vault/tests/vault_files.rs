@@ -76,7 +76,16 @@ fn writes_are_atomic_and_private() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, [BUNDLE_FILE, DATA_KEY_FILE, "soft-device-key.pem"]);
+    // No temp file is left behind; `.lock` is the advisory lock of read-modify-writes.
+    assert_eq!(
+        names,
+        [
+            devid_keystore::fsutil::LOCK_FILE,
+            BUNDLE_FILE,
+            DATA_KEY_FILE,
+            "soft-device-key.pem"
+        ]
+    );
     for f in [BUNDLE_FILE, DATA_KEY_FILE] {
         let mode = std::fs::metadata(d.path().join(f))
             .unwrap()

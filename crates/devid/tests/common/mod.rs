@@ -30,11 +30,16 @@ impl Run {
 }
 
 impl Devid {
+    /// A device with its own state dir and its own (absent: unanchored) device configuration
+    /// file, so no test reads or writes /etc/devid/devid.toml.
     pub fn new() -> Devid {
         let tmp = tempfile::tempdir().unwrap();
         Devid {
             state: tmp.path().join("state"),
-            env: Vec::new(),
+            env: vec![(
+                "DEVID_CONFIG_FILE".into(),
+                tmp.path().join("devid.toml").into(),
+            )],
             _tmp: Some(tmp),
         }
     }
@@ -43,9 +48,32 @@ impl Devid {
     pub fn at(state: &Path) -> Devid {
         Devid {
             state: state.to_path_buf(),
-            env: Vec::new(),
+            env: vec![(
+                "DEVID_CONFIG_FILE".into(),
+                state.with_extension("devid.toml").into(),
+            )],
             _tmp: None,
         }
+    }
+
+    /// The device configuration file this device uses.
+    pub fn config_file(&self) -> PathBuf {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "DEVID_CONFIG_FILE")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap()
+    }
+
+    /// Install the packaged device configuration (anchor keys commented out) at
+    /// [`Devid::config_file`], root-owned 0644 as the package ships it.
+    pub fn install_packaged_config(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let text = include_str!("../../../../packaging/devid.toml");
+        let path = self.config_file();
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
 
     pub fn tcti(mut self, tcti: &str) -> Devid {
@@ -62,6 +90,7 @@ impl Devid {
         let mut c = Command::new(env!("CARGO_BIN_EXE_devid"));
         c.arg("--state-dir").arg(&self.state).args(args);
         c.env_remove("DEVID_TCTI");
+        c.env_remove("DEVID_CONFIG_FILE");
         for (k, v) in &self.env {
             c.env(k, v);
         }
