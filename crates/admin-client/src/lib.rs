@@ -142,7 +142,7 @@ impl AdminClient {
         let token = Zeroizing::new(String::from_utf8_lossy(&token).trim().to_owned());
         let url = server_url
             .map(str::to_owned)
-            .unwrap_or_else(|| cfg.local_https_url());
+            .unwrap_or_else(|| cfg.local_admin_url());
         Self::new(&url, &ca_pem, token)
     }
 

@@ -52,7 +52,7 @@ impl MessagesClient {
         let bearer = Zeroizing::new(String::from_utf8_lossy(&raw).trim().to_owned());
         let url = server_url
             .map(str::to_owned)
-            .unwrap_or_else(|| cfg.local_https_url());
+            .unwrap_or_else(|| cfg.local_admin_url());
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&ca_pem) {
             let cert = cert.map_err(|e| AdminError::Tls(format!("CA PEM: {e}")))?;

@@ -162,6 +162,8 @@ impl DevidServer {
             .arg(format!("127.0.0.1:{https_port}"))
             .arg("--mqtt-listen")
             .arg(format!("127.0.0.1:{mqtt_port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", free_port()?))
             .output()
             .map_err(BenchError::io(format!("run {} init", bin.display())))?;
         if !out.status.success() {

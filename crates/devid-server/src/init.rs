@@ -57,6 +57,8 @@ pub struct InitOptions {
     pub https_listen: Option<SocketAddr>,
     /// MQTT listen address (default 0.0.0.0:8883).
     pub mqtt_listen: Option<SocketAddr>,
+    /// Admin API listen address (default 127.0.0.1:8444).
+    pub admin_listen: Option<SocketAddr>,
     /// Database URL (default sqlite in the data dir).
     pub db: Option<String>,
     /// PostgreSQL: the file holding the password (`database.password_file`).
@@ -101,6 +103,9 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
         }
     }
     let mut cfg = ServerConfig::new(data_dir.clone(), opts.hostname.clone());
+    if let Some(a) = opts.admin_listen {
+        cfg.admin_listen = a;
+    }
     if let Some(a) = opts.https_listen {
         cfg.https_listen = a;
     }
@@ -152,7 +157,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     if !dns.iter().any(|d| d == "localhost") {
         dns.push("localhost".into());
     }
-    for addr in [cfg.https_listen, cfg.mqtt_listen] {
+    for addr in [cfg.https_listen, cfg.mqtt_listen, cfg.admin_listen] {
         if !addr.ip().is_unspecified() {
             ips.push(addr.ip());
         }

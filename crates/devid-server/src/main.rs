@@ -35,7 +35,7 @@ struct DataDir {
     /// Server data dir (CA, TLS files, admin token, database).
     #[arg(long, env = "DEVID_SERVER_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// Reach the server at this URL instead of the config's HTTPS address.
+    /// Reach the admin API at this URL instead of the config's admin_listen address.
     #[arg(long)]
     server: Option<String>,
     /// Authenticate with the named credential whose token is in this file (default:
@@ -75,6 +75,9 @@ enum Command {
         /// MQTT listen address (its port goes into the URL given to devices).
         #[arg(long, default_value = "0.0.0.0:8883")]
         mqtt_listen: SocketAddr,
+        /// Admin API listen address (keep it on loopback or a management network).
+        #[arg(long, default_value = "127.0.0.1:8444")]
+        admin_listen: SocketAddr,
         /// Database URL: sqlite:FILE (relative to the data dir) or
         /// postgres://USER[:PASSWORD]@HOST:PORT/DB (several nodes may share one database).
         #[arg(long)]
@@ -324,6 +327,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             hostname,
             https_listen,
             mqtt_listen,
+            admin_listen,
             db,
             db_password_file,
             ca_key,
@@ -333,6 +337,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 hostname,
                 https_listen: Some(https_listen),
                 mqtt_listen: Some(mqtt_listen),
+                admin_listen: Some(admin_listen),
                 db,
                 db_password_file,
                 ca_key,

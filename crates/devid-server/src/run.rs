@@ -17,7 +17,7 @@ use devid_ca::{Ca, CaError};
 use crate::error::RunError;
 use devid_ingest::Ingest;
 use devid_server_config::{ServerConfig, CA_CERT_FILE};
-use devid_server_http::HttpState;
+use devid_server_http::{HttpState, Surface};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
@@ -116,6 +116,7 @@ pub async fn serve_until(
     let config = p.http.config.clone();
     // MQTT first: once the HTTPS port answers, both listeners are up.
     let mqtt = bind(config.mqtt_listen).await?;
+    let admin = bind(config.admin_listen).await?;
     let listener = bind(config.https_listen).await?;
     let addr = listener.local_addr().map_err(|source| RunError::Bind {
         addr: config.https_listen,
@@ -123,6 +124,9 @@ pub async fn serve_until(
     })?;
     if let Ok(mqtt_addr) = mqtt.local_addr() {
         tracing::info!(addr = %mqtt_addr, "devid-server listening (MQTT over mutual TLS)");
+    }
+    if let Ok(admin_addr) = admin.local_addr() {
+        tracing::info!(addr = %admin_addr, "devid-server listening (admin API, HTTPS)");
     }
     tracing::info!(%addr, ca_pin = %p.http.ca.pin(), "devid-server listening (HTTPS)");
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -135,8 +139,22 @@ pub async fn serve_until(
         .await;
         up.store(false, Ordering::Release);
     });
-    devid_server_http::listener::serve(listener, p.https_tls, p.http, shutdown).await;
+    let admin_task = {
+        let (tls, http, mut stopped) = (p.https_tls.clone(), p.http.clone(), stop.subscribe());
+        tokio::spawn(devid_server_http::listener::serve(
+            admin,
+            tls,
+            http,
+            Surface::Admin,
+            async move {
+                let _ = stopped.changed().await;
+            },
+        ))
+    };
+    devid_server_http::listener::serve(listener, p.https_tls, p.http, Surface::Public, shutdown)
+        .await;
     let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ingest).await;
     Ok(())
 }

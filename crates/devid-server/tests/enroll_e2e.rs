@@ -82,7 +82,13 @@ fn enrol_with_soft_key_through_devid_enroll() {
 
 fn curl_post(s: &Server, path: &str, body_file: &Path, extra: &[&str]) -> (u16, String) {
     let out_file = body_file.with_extension("out");
-    let url = format!("{}{path}", s.url);
+    // the admin API is on its own listener (admin_listen)
+    let base = if path.starts_with("/v1/admin") {
+        &s.admin_url
+    } else {
+        &s.url
+    };
+    let url = format!("{base}{path}");
     let mut args = vec![
         "-sS",
         "--cacert",
@@ -212,6 +218,24 @@ fn enrol_and_renew_with_openssl_and_curl() {
     );
     assert_eq!(status, 401, "{text}");
     assert_refused(&s, "admin.auth", "admin_unauthorized");
+    // and is not served at all on the public listener devices reach
+    let out = tool(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            s.ca_pem_path().to_str().unwrap(),
+            "-H",
+            &format!("authorization: Bearer {}", "0".repeat(64)),
+            &format!("{}/v1/admin/devices", s.url),
+        ],
+        s.tmp.path(),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
 }
 
 #[test]

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 /// Default HTTPS listen address (enrolment, renewal, admin API).
 pub const DEFAULT_HTTPS_LISTEN: &str = "127.0.0.1:8443";
+/// Default admin API listen address (loopback: the admin API and the console are for operators
+/// on the server or behind an SSH tunnel or a VPN, never the open internet).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8444";
 /// Default MQTT listen address.
 pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
 /// Name of the config file inside the data dir.
@@ -55,6 +58,10 @@ pub struct ServerConfig {
     /// MQTT listen address (the port goes into the `mqtt_url` given to devices).
     #[serde(default = "default_mqtt")]
     pub mqtt_listen: SocketAddr,
+    /// HTTPS listener of the admin API (`/v1/admin/...`, messages, stream, metrics), with the
+    /// server's certificate. Enrolment and renewal are served on `https_listen` only.
+    #[serde(default = "default_admin")]
+    pub admin_listen: SocketAddr,
     /// Database URL: `sqlite:FILE` (relative to data_dir) or `postgres://...` (with libpq's
     /// `sslmode` and `sslrootcert` for TLS).
     #[serde(default = "default_db")]
@@ -147,6 +154,9 @@ impl KeyChange {
 fn default_https() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8443))
 }
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8444))
+}
 fn default_mqtt() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8883))
 }
@@ -192,6 +202,7 @@ impl ServerConfig {
             hostname,
             https_listen: default_https(),
             mqtt_listen: default_mqtt(),
+            admin_listen: default_admin(),
             db: default_db(),
             database: DatabaseSettings::default(),
             ca_key: default_ca_key(),
@@ -354,7 +365,19 @@ impl ServerConfig {
     /// The URL local admin commands use to reach the HTTPS API (loopback when the server
     /// listens on every address).
     pub fn local_https_url(&self) -> String {
-        let ip = self.https_listen.ip();
+        local_url(self.https_listen)
+    }
+
+    /// `https://` URL of the admin listener as reached from this machine (the admin
+    /// subcommands' default).
+    pub fn local_admin_url(&self) -> String {
+        local_url(self.admin_listen)
+    }
+}
+
+fn local_url(addr: SocketAddr) -> String {
+    {
+        let ip = addr.ip();
         let host = if ip.is_unspecified() {
             if ip.is_ipv4() {
                 "127.0.0.1".to_owned()
@@ -366,9 +389,11 @@ impl ServerConfig {
         } else {
             ip.to_string()
         };
-        format!("https://{host}:{}", self.https_listen.port())
+        format!("https://{host}:{}", addr.port())
     }
+}
 
+impl ServerConfig {
     /// A path inside the data dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.data_dir.join(name)
@@ -389,12 +414,16 @@ impl ServerConfig {
              # and in the MQTT URL handed to devices at enrolment.\n\
              hostname = {hostname}\n\
              \n\
-             # HTTPS listener for enrolment (POST /v1/enroll), renewal over mutual TLS\n\
-             # (POST /v1/renew) and the admin API (/v1/admin/...).\n\
+             # Public HTTPS listener: enrolment (POST /v1/enroll), renewal over mutual TLS\n\
+             # (POST /v1/renew), /readyz and /v1/health. The admin API is on admin_listen.\n\
              https_listen = {https}\n\
              \n\
              # MQTT over TLS listener; its port is in the mqtt_url given to devices.\n\
              mqtt_listen = {mqtt}\n\
+             \n\
+             # Admin API listener (HTTPS, the server's certificate): /v1/admin/..., messages,\n\
+             # the live stream, /metrics. Keep it on loopback or a management network.\n\
+             admin_listen = {admin}\n\
              \n\
              # Database: sqlite:FILE (relative to data_dir; WAL mode) or\n\
              # postgres://USER@HOST:PORT/DB. Over a network, use TLS with the database's CA:\n\
@@ -439,6 +468,7 @@ impl ServerConfig {
             hostname = q(&self.hostname),
             https = q(&self.https_listen.to_string()),
             mqtt = q(&self.mqtt_listen.to_string()),
+            admin = q(&self.admin_listen.to_string()),
             db = q(&self.db),
             pwfile = match &self.database.password_file {
                 Some(p) => format!("database.password_file = {}", q(&p.display().to_string())),

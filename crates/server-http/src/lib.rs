@@ -27,5 +27,5 @@ mod state;
 pub use auth::Admin;
 pub use error::ApiError;
 pub use limits::HttpLimits;
-pub use router::{app, routes};
+pub use router::{app, routes, surface_app, surface_routes, Surface};
 pub use state::{device_info, HttpState, MetricsText, PeerInfo, Readiness};

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::router::app;
+use crate::router::{surface_app, Surface};
 use crate::state::{HttpState, PeerInfo};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +31,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: HttpState,
+    surface: Surface,
     shutdown: impl Future<Output = ()>,
 ) {
     let max = state.config.max_connections.max(1);
@@ -38,7 +39,7 @@ pub async fn serve(
         idle: Duration::from_secs(state.config.https.idle_timeout_secs.max(1)),
         h2_keepalive: Duration::from_secs(state.config.https.h2_keepalive_secs.max(1)),
     };
-    let router = app(state);
+    let router = surface_app(state, surface);
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(max));
     tokio::pin!(shutdown);
@@ -68,7 +69,7 @@ pub async fn serve(
             handle(tcp, addr, acceptor, router, timeouts).await;
         });
     }
-    tracing::info!("HTTPS listener stopped");
+    tracing::info!(?surface, "HTTPS listener stopped");
 }
 
 /// How long an idle connection that was told to close may take to do so.

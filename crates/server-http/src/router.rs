@@ -17,16 +17,51 @@ use crate::enroll::{enroll, renew};
 use crate::error::ApiError;
 use crate::state::HttpState;
 
-/// The routes [`app`] serves, as (method, path) with OpenAPI-style `{param}` templates.
-pub fn routes() -> Vec<(&'static str, &'static str)> {
-    build().1
+/// Which of the server's HTTPS listeners a router is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `https_listen`, facing devices and the internet: enrolment, renewal, health, readiness.
+    Public,
+    /// `admin_listen`, for operators: the admin API, messages, the live stream, metrics (and
+    /// health, readiness).
+    Admin,
+    /// Both at once (in-process tests).
+    All,
 }
 
-/// The router, with body limit and request timeout from the config.
+impl Surface {
+    /// Whether a route belongs on this surface.
+    fn serves(self, path: &str) -> bool {
+        let public = matches!(path, "/v1/health" | "/readyz" | "/v1/enroll" | "/v1/renew");
+        let both = matches!(path, "/v1/health" | "/readyz");
+        match self {
+            Surface::All => true,
+            Surface::Public => public,
+            Surface::Admin => both || !public,
+        }
+    }
+}
+
+/// The routes [`app`] serves, as (method, path) with OpenAPI-style `{param}` templates.
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    build(Surface::All).1
+}
+
+/// The routes one surface serves.
+pub fn surface_routes(surface: Surface) -> Vec<(&'static str, &'static str)> {
+    build(surface).1
+}
+
+/// The router of every route, with body limit and request timeout from the config.
 pub fn app(state: HttpState) -> Router {
+    surface_app(state, Surface::All)
+}
+
+/// The router of one listener.
+pub fn surface_app(state: HttpState, surface: Surface) -> Router {
     let limit = state.config.max_body_bytes;
     let timeout = Duration::from_secs(state.config.request_timeout_secs.max(1));
-    build()
+    build(surface)
         .0
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -39,6 +74,7 @@ pub fn app(state: HttpState) -> Router {
 struct Builder {
     router: Router<HttpState>,
     list: Vec<(&'static str, &'static str)>,
+    surface: Surface,
 }
 
 impl Builder {
@@ -48,16 +84,19 @@ impl Builder {
         path: &'static str,
         mr: MethodRouter<HttpState>,
     ) -> Self {
-        self.router = self.router.route(path, mr);
-        self.list.push((method, path));
+        if self.surface.serves(path) {
+            self.router = self.router.route(path, mr);
+            self.list.push((method, path));
+        }
         self
     }
 }
 
-pub(crate) fn build() -> (Router<HttpState>, Vec<(&'static str, &'static str)>) {
+pub(crate) fn build(surface: Surface) -> (Router<HttpState>, Vec<(&'static str, &'static str)>) {
     let b = Builder {
         router: Router::new(),
         list: Vec::new(),
+        surface,
     }
     .add("GET", "/v1/health", get(health))
     .add("GET", "/readyz", get(readyz))

@@ -540,3 +540,37 @@ async fn a_read_only_credential_reads_and_is_refused_every_change() {
         ]
     );
 }
+
+/// The admin API is not served on the public listener devices reach, and the admin listener
+/// serves no enrolment or renewal.
+#[tokio::test]
+async fn the_public_listener_serves_no_admin_route() {
+    use devid_server_http::{surface_app, surface_routes, Surface};
+    let public: BTreeSet<_> = surface_routes(Surface::Public).into_iter().collect();
+    assert_eq!(
+        public,
+        BTreeSet::from([
+            ("GET", "/v1/health"),
+            ("GET", "/readyz"),
+            ("POST", "/v1/enroll"),
+            ("POST", "/v1/renew")
+        ])
+    );
+    let admin = surface_routes(Surface::Admin);
+    assert!(admin
+        .iter()
+        .all(|(_, p)| *p != "/v1/enroll" && *p != "/v1/renew"));
+    assert!(admin.contains(&("GET", "/v1/admin/devices")));
+    let api = Api::new();
+    let req = Request::builder()
+        .method("GET")
+        .uri("/v1/admin/devices")
+        .header("authorization", format!("Bearer {}", api.admin))
+        .body(Body::empty())
+        .unwrap();
+    let resp = surface_app(api.state.clone(), Surface::Public)
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

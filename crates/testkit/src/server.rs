@@ -38,6 +38,7 @@ impl DevidServer {
         let dir = tmp.path().join("server");
         let https_port = free_port();
         let mqtt_port = free_port();
+        let admin_port = free_port();
         let mut args: Vec<String> = vec![
             "init".into(),
             "--data-dir".into(),
@@ -48,6 +49,8 @@ impl DevidServer {
             format!("127.0.0.1:{https_port}"),
             "--mqtt-listen".into(),
             format!("127.0.0.1:{mqtt_port}"),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{admin_port}"),
         ];
         args.extend(extra_init.iter().map(|s| s.to_string()));
         let out = Command::new(workspace_bin("devid-server"))

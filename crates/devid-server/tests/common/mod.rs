@@ -15,7 +15,10 @@ pub struct Server {
     pub dir: PathBuf,
     pub port: u16,
     pub mqtt_port: u16,
+    pub admin_port: u16,
     pub url: String,
+    /// The admin listener (`admin_listen`): admin API, messages, stream, metrics.
+    pub admin_url: String,
     pub pin: String,
     pub log: PathBuf,
     child: Child,
@@ -58,6 +61,8 @@ impl Server {
         let listen = format!("127.0.0.1:{port}");
         let mqtt_port = free_port_other_than(port);
         let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
+        let admin_port = free_port_not_in(&[port, mqtt_port]);
+        let admin_listen = format!("127.0.0.1:{admin_port}");
         let mut args = vec![
             "init",
             "--data-dir",
@@ -68,6 +73,8 @@ impl Server {
             &listen,
             "--mqtt-listen",
             &mqtt_listen,
+            "--admin-listen",
+            &admin_listen,
         ];
         args.extend_from_slice(extra_init);
         let out = Command::new(BIN)
@@ -87,7 +94,7 @@ impl Server {
         if !extra_toml.is_empty() {
             set_config(&dir.join("devid-server.toml"), extra_toml);
         }
-        Self::run_node(tmp, dir, port, mqtt_port, pin, env)
+        Self::run_node(tmp, dir, [port, mqtt_port, admin_port], pin, env)
     }
 
     /// Another `devid-server run` node sharing this one's database (PostgreSQL): a copy of
@@ -98,6 +105,7 @@ impl Server {
         devid_testkit::copy_tree(&self.dir, &dir);
         let port = devid_testkit::free_port();
         let mqtt_port = free_port_other_than(port);
+        let admin_port = free_port_not_in(&[port, mqtt_port]);
         let toml = std::fs::read_to_string(dir.join("devid-server.toml")).unwrap();
         let toml = toml
             .replace(self.dir_str(), dir.to_str().unwrap())
@@ -108,16 +116,25 @@ impl Server {
             .replace(
                 &format!("\"127.0.0.1:{}\"", self.mqtt_port),
                 &format!("\"127.0.0.1:{mqtt_port}\""),
+            )
+            .replace(
+                &format!("\"127.0.0.1:{}\"", self.admin_port),
+                &format!("\"127.0.0.1:{admin_port}\""),
             );
         std::fs::write(dir.join("devid-server.toml"), toml).unwrap();
-        Self::run_node(tmp, dir, port, mqtt_port, self.pin.clone(), &[])
+        Self::run_node(
+            tmp,
+            dir,
+            [port, mqtt_port, admin_port],
+            self.pin.clone(),
+            &[],
+        )
     }
 
     fn run_node(
         tmp: tempfile::TempDir,
         dir: PathBuf,
-        port: u16,
-        mqtt_port: u16,
+        [port, mqtt_port, admin_port]: [u16; 3],
         pin: String,
         env: &[(String, std::ffi::OsString)],
     ) -> Self {
@@ -137,10 +154,12 @@ impl Server {
         );
         Server {
             url: format!("https://127.0.0.1:{port}"),
+            admin_url: format!("https://127.0.0.1:{admin_port}"),
             tmp,
             dir,
             port,
             mqtt_port,
+            admin_port,
             pin,
             log,
             child,
@@ -266,6 +285,16 @@ pub fn set_config(path: &Path, settings: &str) {
 }
 
 /// A free loopback port that is not `other`.
+/// A free port that is none of `others`.
+pub fn free_port_not_in(others: &[u16]) -> u16 {
+    loop {
+        let p = devid_testkit::free_port();
+        if !others.contains(&p) {
+            return p;
+        }
+    }
+}
+
 pub fn free_port_other_than(other: u16) -> u16 {
     loop {
         let p = devid_testkit::free_port();

@@ -337,7 +337,8 @@ impl Client {
 
 /// Every stored message of a device, through the API (paged).
 pub fn all_messages(s: &Server, device: &str) -> Vec<MessageView> {
-    let client = devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.url)).unwrap();
+    let client =
+        devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.admin_url)).unwrap();
     let mut out = Vec::new();
     let mut since = Some(0);
     loop {
@@ -352,7 +353,7 @@ pub fn all_messages(s: &Server, device: &str) -> Vec<MessageView> {
 
 /// The metrics text.
 pub fn metrics(s: &Server) -> String {
-    devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.url))
+    devid_admin_client::MessagesClient::from_data_dir(&s.dir, Some(&s.admin_url))
         .unwrap()
         .metrics()
         .unwrap()
