@@ -132,8 +132,10 @@ pub async fn serve_until(
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let up = p.mqtt_up.clone();
     up.store(true, Ordering::Release);
+    let proxies = devid_stdx::proxy::Trusted::parse(&config.proxy_protocol.trusted)
+        .map_err(|e| RunError::Tls(format!("proxy_protocol.trusted: {e}")))?;
     let ingest = tokio::spawn(async move {
-        devid_ingest::serve(mqtt, p.mqtt_tls, p.ingest, async move {
+        devid_ingest::serve(mqtt, p.mqtt_tls, p.ingest, proxies, async move {
             let _ = stopped.changed().await;
         })
         .await;

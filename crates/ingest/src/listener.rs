@@ -10,6 +10,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::shared::{Ingest, LAST_SEEN_FLUSH};
+use devid_stdx::proxy::{self, Trusted};
+
 use crate::{limits, session};
 
 /// Accept MQTT connections on `listener` until `shutdown` completes, then ask every session
@@ -18,8 +20,10 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     tel: Arc<Ingest>,
+    proxies: Trusted,
     shutdown: impl Future<Output = ()>,
 ) {
+    let proxies = Arc::new(proxies);
     tel.follow_state_changes();
     flush_last_seen_every_second(Arc::downgrade(&tel));
     let acceptor = TlsAcceptor::from(tls);
@@ -46,20 +50,38 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
-        let slot = match tel.sources.admit(addr.ip()) {
-            Ok(s) => s,
-            Err(why) => {
-                tel.metrics.handshake_failed(match why {
-                    limits::SourceRefusal::Rate => "source_rate_limited",
-                    limits::SourceRefusal::Pending => "source_pending_limit",
-                });
-                tracing::debug!(%addr, ?why, "MQTT connection refused by the per-source limit");
-                drop(tcp);
-                continue;
-            }
-        };
         let acceptor = acceptor.clone();
         let tel = tel.clone();
+        if proxies.contains(addr.ip()) {
+            // a load balancer: the device's address is in the PROXY header, read off the
+            // accept loop
+            tokio::spawn(async move {
+                let mut tcp = tcp;
+                let deadline = tel.settings.connect_timeout();
+                let addr = match tokio::time::timeout(deadline, proxy::read_from(&mut tcp)).await {
+                    Ok(Ok(proxy::Header::Proxied(src))) => src,
+                    Ok(Ok(_)) => addr,
+                    Ok(Err(e)) => {
+                        tel.metrics.handshake_failed("proxy_header_invalid");
+                        tracing::debug!(%addr, error = %e, "MQTT connection from a trusted proxy without a valid PROXY header");
+                        return;
+                    }
+                    Err(_) => {
+                        tel.metrics.handshake_failed("proxy_header_timeout");
+                        return;
+                    }
+                };
+                if let Some(slot) = admit(&tel, addr) {
+                    session::handle(tcp, addr, acceptor, tel, slot).await;
+                }
+                drop(permit);
+            });
+            continue;
+        }
+        let Some(slot) = admit(&tel, addr) else {
+            drop(tcp);
+            continue;
+        };
         tokio::spawn(async move {
             session::handle(tcp, addr, acceptor, tel, slot).await;
             drop(permit);
@@ -70,6 +92,21 @@ pub async fn serve(
         tracing::warn!(error = %e, "recording last-seen times at shutdown failed");
     }
     tracing::info!("MQTT listener stopped");
+}
+
+/// The per-source limit for a connection from `addr` (the device's address, behind a proxy).
+fn admit(tel: &Arc<Ingest>, addr: std::net::SocketAddr) -> Option<limits::SourceSlot> {
+    match tel.sources.admit(addr.ip()) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            tel.metrics.handshake_failed(match why {
+                limits::SourceRefusal::Rate => "source_rate_limited",
+                limits::SourceRefusal::Pending => "source_pending_limit",
+            });
+            tracing::debug!(%addr, ?why, "MQTT connection refused by the per-source limit");
+            None
+        }
+    }
 }
 
 /// A thread that writes the queued `last_seen` times every [`LAST_SEEN_FLUSH`] until the

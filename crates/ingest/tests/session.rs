@@ -92,6 +92,7 @@ impl Node {
             listener,
             Arc::new(tls),
             ingest.clone(),
+            devid_stdx::proxy::Trusted::default(),
             async move {
                 let _ = stopped.await;
             },

@@ -95,6 +95,15 @@ pub struct ServerConfig {
     /// Most TLS connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// The MQTT URL enrolment hands devices when they reach the server through a load
+    /// balancer (e.g. `mqtts://iot.example.com:8883`); default: built from `hostname` and
+    /// `mqtt_listen`'s port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_advertised_url: Option<String>,
+    /// Load balancers whose connections carry a PROXY protocol v2 header
+    /// (`proxy_protocol.trusted`).
+    #[serde(default)]
+    pub proxy_protocol: ProxySettings,
     /// Renewal policy (`renewal.*` keys).
     #[serde(default)]
     pub renewal: RenewalSettings,
@@ -114,6 +123,16 @@ pub struct DatabaseSettings {
     /// `db` URL and the config file carry no secret.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+}
+
+/// The `proxy_protocol.*` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Address ranges (`127.0.0.1/32`, `10.0.0.0/24`, `::1`) of the load balancers that send
+    /// a PROXY protocol v2 header on the HTTPS and MQTT listeners. A connection from one of
+    /// them must start with the header; from anyone else a header is never read. Empty: off.
+    pub trusted: Vec<String>,
 }
 
 /// The `[renewal]` table.
@@ -213,6 +232,8 @@ impl ServerConfig {
             max_body_bytes: default_max_body(),
             request_timeout_secs: default_request_timeout(),
             max_connections: default_max_connections(),
+            mqtt_advertised_url: None,
+            proxy_protocol: ProxySettings::default(),
             renewal: RenewalSettings::default(),
             https: Default::default(),
             mqtt: Default::default(),
@@ -295,6 +316,20 @@ impl ServerConfig {
         self.db_location()?;
         self.mqtt.validate()?;
         self.https.validate()?;
+        devid_stdx::proxy::Trusted::parse(&self.proxy_protocol.trusted).map_err(|e| {
+            ConfigError::Invalid {
+                key: "proxy_protocol.trusted",
+                detail: e,
+            }
+        })?;
+        if let Some(u) = &self.mqtt_advertised_url {
+            if !(u.starts_with("mqtts://") && u.len() > "mqtts://".len()) {
+                return Err(ConfigError::Invalid {
+                    key: "mqtt_advertised_url",
+                    detail: "must be an mqtts://HOST:PORT URL".into(),
+                });
+            }
+        }
         self.ca_key_ref()?;
         Ok(())
     }
@@ -359,7 +394,10 @@ impl ServerConfig {
 
     /// The URL devices get for MQTT.
     pub fn mqtt_url(&self) -> String {
-        format!("mqtts://{}:{}", self.hostname, self.mqtt_listen.port())
+        match &self.mqtt_advertised_url {
+            Some(u) => u.clone(),
+            None => format!("mqtts://{}:{}", self.hostname, self.mqtt_listen.port()),
+        }
     }
 
     /// The URL local admin commands use to reach the HTTPS API (loopback when the server
@@ -463,7 +501,13 @@ impl ServerConfig {
              # \"attested\" (only a new key certified by the device's TPM attestation key), or\n\
              # \"refused\". A renewal always needs the device's current certificate (or, until\n\
              # the new one is first used, its immediate predecessor).\n\
-             renewal.key_change = {key_change}\n",
+             renewal.key_change = {key_change}\n\
+             \n\
+             # Behind a load balancer in TCP mode: the address ranges whose connections carry a\n\
+             # PROXY protocol v2 header (HAProxy: send-proxy-v2), so limits and the audit see\n\
+             # devices' addresses; and the MQTT URL enrolment hands devices.\n\
+             proxy_protocol.trusted = {trusted}\n\
+             # mqtt_advertised_url = \"mqtts://iot.example.com:8883\"\n",
             data_dir = q(&self.data_dir.display().to_string()),
             hostname = q(&self.hostname),
             https = q(&self.https_listen.to_string()),
@@ -482,6 +526,13 @@ impl ServerConfig {
             timeout = self.request_timeout_secs,
             conns = self.max_connections,
             key_change = q(self.renewal.key_change.as_str()),
+            trusted = toml::Value::Array(
+                self.proxy_protocol
+                    .trusted
+                    .iter()
+                    .map(|t| toml::Value::String(t.clone()))
+                    .collect()
+            ),
         ) + &self.https.to_commented_toml()
             + &self.mqtt.to_commented_toml()
     }

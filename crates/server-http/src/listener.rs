@@ -20,6 +20,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use devid_stdx::proxy::{self, Trusted};
+
 use crate::router::{surface_app, Surface};
 use crate::state::{HttpState, PeerInfo};
 
@@ -38,6 +40,14 @@ pub async fn serve(
     let timeouts = Timeouts {
         idle: Duration::from_secs(state.config.https.idle_timeout_secs.max(1)),
         h2_keepalive: Duration::from_secs(state.config.https.h2_keepalive_secs.max(1)),
+    };
+    // PROXY protocol v2 from the configured load balancers, on the public listener only
+    let proxies = match surface {
+        Surface::Admin => None,
+        _ => Trusted::parse(&state.config.proxy_protocol.trusted)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Arc::new),
     };
     let router = surface_app(state, surface);
     let acceptor = TlsAcceptor::from(tls);
@@ -64,8 +74,25 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let proxies = proxies.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let mut tcp = tcp;
+            let addr = match proxies {
+                Some(p) if p.contains(addr.ip()) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, proxy::read_from(&mut tcp)).await
+                    {
+                        Ok(Ok(proxy::Header::Proxied(src))) => src,
+                        Ok(Ok(_)) => addr,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, error = %e, "HTTPS connection from a trusted proxy without a valid PROXY header");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                _ => addr,
+            };
             handle(tcp, addr, acceptor, router, timeouts).await;
         });
     }

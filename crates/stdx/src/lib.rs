@@ -1,11 +1,13 @@
 //! Small helpers the server crates share that know nothing of devid's domain (like
-//! rust-analyzer's `stdx`): private files ([`fs`]) and time stamps ([`time`]).
+//! rust-analyzer's `stdx`): private files ([`fs`]), time stamps ([`time`]), rate limits
+//! ([`limit`]) and the PROXY protocol v2 header ([`proxy`]).
 //!
 //! Invariant: depends on no devid crate.
 #![forbid(unsafe_code)]
 
 pub mod fs;
 pub mod limit;
+pub mod proxy;
 pub mod time;
 
 pub use time::{now_ms, rfc3339};
