@@ -86,7 +86,18 @@ impl Ingest {
         let quota = match limits.quota {
             Some((window, bytes)) if bytes > 0 => {
                 let q = storage::Quota::new(window, bytes);
-                let rows = q.seed_from(&*messages, now_ms())?;
+                // The store blocks (PostgreSQL panics on an async executor thread, and this
+                // may be called from one): seed on a thread of its own.
+                let rows = std::thread::scope(|sc| {
+                    sc.spawn(|| q.seed_from(&*messages, now_ms()))
+                        .join()
+                        .unwrap_or_else(|_| {
+                            Err(StoreError::Db {
+                                operation: "seed the per-device quota",
+                                detail: "the seeding thread panicked".into(),
+                            })
+                        })
+                })?;
                 tracing::info!(
                     buckets = rows,
                     "per-device quota counters seeded from the message store"

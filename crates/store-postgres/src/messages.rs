@@ -76,8 +76,8 @@ impl MessageStore for PostgresStore {
         let overhead = RECORD_OVERHEAD as i64;
         let rows = conn
             .query(
-                "SELECT device_id, (received_at / $2) * $2, \
-                 sum($3 + octet_length(payload) + octet_length(topic) \
+                "SELECT device_id, (received_at / $2::BIGINT) * $2::BIGINT, \
+                 sum($3::BIGINT + octet_length(payload) + octet_length(topic) \
                      + octet_length(device_id) + coalesce(octet_length(msg_id), 0))::BIGINT \
                  FROM messages WHERE received_at >= $1 GROUP BY 1, 2",
                 &[&since_ms, &bucket_ms, &overhead],
