@@ -829,6 +829,19 @@ impl Session {
         (!q.charge(&self.device, bytes, now_ms())).then_some("quota_exceeded")
     }
 
+    /// [`Session::storage_refusal`] for the will message.
+    fn will_refusal(&self, w: &Will) -> Option<&'static str> {
+        if self.tel.disk.as_ref().is_some_and(|d| d.is_low()) {
+            return Some("disk_full");
+        }
+        let q = self.tel.quota.as_ref()?;
+        let bytes = devid_store::RECORD_OVERHEAD
+            + w.payload.len() as u64
+            + w.topic.len() as u64
+            + self.device.len() as u64;
+        (!q.charge(&self.device, bytes, now_ms())).then_some("quota_exceeded")
+    }
+
     fn on_subscribe(&mut self, packet_id: NonZeroU16, filters: Vec<(devid_mqtt::ByteString, u8)>) {
         let v5 = self.conn.proto == Protocol::V5;
         let mut codes = Vec::with_capacity(filters.len());
@@ -912,6 +925,12 @@ impl Session {
         self.tel.metrics.disconnected(why);
         tracing::debug!(device_id = %self.id, reason = why, "MQTT session closed");
         if will {
+            // a will is a publish too: it passes the watermark and the quota or is dropped
+            if let Some(why) = self.will.as_ref().and_then(|w| self.will_refusal(w)) {
+                self.tel.metrics.storage_refused(why);
+                tracing::debug!(device_id = %self.id, reason = why, "will message not stored");
+                self.will = None;
+            }
             if let Some(w) = self.will.take() {
                 let msg = NewMessage {
                     device_id: self.device.clone(),
