@@ -16,6 +16,9 @@ pub struct Backend {
     pub registry: Arc<dyn Registry>,
     /// Telemetry.
     pub messages: Arc<dyn MessageStore>,
+    /// The directory whose file system the message log is written to (the free-disk
+    /// watermark watches it): the SQLite file's directory, or the data dir with PostgreSQL.
+    pub log_dir: std::path::PathBuf,
 }
 
 /// Open the registry alone (what `init` needs).
@@ -28,18 +31,38 @@ pub fn open_registry(cfg: &ServerConfig) -> Result<Arc<dyn Registry>, StoreError
     }
 }
 
-/// Open the registry and the message store the config names.
+/// Open the registry and the message store the config names, and start the store's
+/// retention (`retention.max_age`) when set.
 pub fn open(cfg: &ServerConfig) -> Result<Backend, StoreError> {
+    let max_age = cfg.retention.max_age().map_err(|e| StoreError::Db {
+        operation: "open",
+        detail: e.to_string(),
+    })?;
+    let interval = cfg.retention.sweep_interval();
     match location(cfg)? {
-        DbLocation::Sqlite(path) => Ok(Backend {
-            registry: Arc::new(SqliteStore::open(&path)?),
-            messages: Arc::new(SqliteMessageStore::open(&path)?),
-        }),
+        DbLocation::Sqlite(path) => {
+            let messages =
+                SqliteMessageStore::open_with_segment_bytes(&path, cfg.storage.segment_bytes)?;
+            if let Some(age) = max_age {
+                messages.start_retention(age, interval)?;
+            }
+            Ok(Backend {
+                registry: Arc::new(SqliteStore::open(&path)?),
+                messages: Arc::new(messages),
+                log_dir: path
+                    .parent()
+                    .map_or_else(|| cfg.data_dir.clone(), |p| p.to_path_buf()),
+            })
+        }
         DbLocation::Postgres(url) => {
             let store = Arc::new(PostgresStore::open_with(&url, &pg_options(cfg))?);
+            if let Some(age) = max_age {
+                store.start_retention(age, interval)?;
+            }
             Ok(Backend {
                 registry: store.clone(),
                 messages: store,
+                log_dir: cfg.data_dir.clone(),
             })
         }
     }

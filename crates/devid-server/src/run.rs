@@ -57,8 +57,15 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
     let mqtt_tls = crate::tls::mqtt_config(&cfg, &ca)?;
     let backend = crate::backend::open(&cfg)?;
     let (stream, _) = broadcast::channel(STREAM_CAPACITY);
-    let ingest = Ingest::start(
+    let quota_window = cfg.retention.max_age().ok().flatten();
+    let limits = devid_ingest::storage::StorageLimits {
+        data_dir: Some(backend.log_dir.clone()),
+        min_free_bytes: cfg.storage.min_free_bytes,
+        quota: quota_window.map(|w| (w, cfg.retention.device_quota_bytes)),
+    };
+    let ingest = Ingest::start_with(
         cfg.mqtt.clone(),
+        limits,
         backend.registry.clone(),
         backend.messages.clone(),
         stream.clone(),

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::{broadcast, mpsc};
 
 use super::metrics::Metrics;
+use super::storage::DiskGuard;
 use devid_store::{Appended, LiveMessage, MessageStore, NewMessage};
 
 /// What the writer does with one item.
@@ -75,13 +76,14 @@ impl CommitQueue {
         store: Arc<dyn MessageStore>,
         metrics: Arc<Metrics>,
         live: broadcast::Sender<Arc<LiveMessage>>,
+        disk: Option<Arc<DiskGuard>>,
         batch_max: usize,
         queue: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         std::thread::Builder::new()
             .name("devid-commit".into())
-            .spawn(move || writer(rx, store, metrics, live, batch_max.max(1)))?;
+            .spawn(move || writer(rx, store, metrics, live, disk, batch_max.max(1)))?;
         Ok(Self { tx })
     }
 
@@ -102,6 +104,7 @@ fn writer(
     store: Arc<dyn MessageStore>,
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<LiveMessage>>,
+    disk: Option<Arc<DiskGuard>>,
     batch_max: usize,
 ) {
     let mut items: Vec<(mpsc::UnboundedSender<Ack>, Option<NonZeroU16>, Option<u8>)> =
@@ -142,6 +145,10 @@ fn writer(
             Err(e) => {
                 tracing::error!(error = %e, messages = rows.len(), "group commit failed; nothing of the batch is acknowledged");
                 metrics.commit_failures.inc();
+                // a full disk is the usual cause: refuse further publishes at once
+                if let Some(d) = &disk {
+                    d.check_now();
+                }
                 None
             }
         };

@@ -18,6 +18,7 @@
 //! * [`live`]: device id -> live session, for takeover and live revocation.
 //! * [`policy`]: what a device may publish and subscribe.
 //! * [`limits`]: token buckets, per-source handshake limits, audit rate limiting.
+//! * [`storage`]: the free-disk watermark and the per-device byte quota (0x97 refusals).
 //! * [`metrics`]: Prometheus metrics (encoded by the root's `GET /metrics`).
 //!
 //! Invariants: a PUBACK is sent only after its message is durably committed; no payload is
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod policy;
 pub mod session;
 pub mod shared;
+pub mod storage;
 pub mod tls;
 
 pub use listener::serve;

@@ -61,6 +61,12 @@ pub struct Metrics {
     pub rate_limited: Family<KindLabel, Counter>,
     /// Live sessions closed because the device was suspended or revoked.
     pub live_revocations: Counter,
+    /// Publishes refused to protect the disk (MQTT 5 0x97 / 3.1.1 disconnect), by reason
+    /// (`disk_full`, `quota_exceeded`).
+    pub storage_refusals: Family<ReasonLabel, Counter>,
+    /// Free bytes on the data dir's file system at the last reading.
+    pub disk_free_bytes: Gauge,
+    disk_free: std::sync::OnceLock<std::sync::Arc<crate::storage::DiskGuard>>,
 }
 
 impl Metrics {
@@ -85,6 +91,9 @@ impl Metrics {
             denials: Family::default(),
             rate_limited: Family::default(),
             live_revocations: Counter::default(),
+            storage_refusals: Family::default(),
+            disk_free_bytes: Gauge::default(),
+            disk_free: std::sync::OnceLock::new(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT sessions", m.connections.clone());
@@ -164,11 +173,37 @@ impl Metrics {
             "Open sessions closed because the device was suspended or revoked",
             m.live_revocations.clone(),
         );
+        registry.register(
+            "storage_refusals",
+            "Publishes refused to protect the disk (free-space watermark, per-device quota), by reason",
+            m.storage_refusals.clone(),
+        );
+        registry.register(
+            "disk_free_bytes",
+            "Free bytes on the data dir's file system at the last reading (when storage.min_free_bytes is set)",
+            m.disk_free_bytes.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Where `disk_free_bytes` comes from.
+    pub fn set_disk_guard(&self, g: std::sync::Arc<crate::storage::DiskGuard>) {
+        let _ = self.disk_free.set(g);
+    }
+
+    /// Count a publish refused to protect the disk.
+    pub fn storage_refused(&self, reason: &'static str) {
+        self.storage_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// The text exposition.
     pub fn encode(&self) -> String {
+        if let Some(g) = self.disk_free.get() {
+            self.disk_free_bytes
+                .set(i64::try_from(g.free_bytes()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -771,6 +771,22 @@ impl Session {
                 };
             }
         }
+        if let Some(code) = self.storage_refusal(&p) {
+            self.tel.metrics.storage_refused(code);
+            self.deny(code, "mqtt.publish", code, &p.topic);
+            if !v5 {
+                // 3.1.1 cannot say "quota exceeded" in a PUBACK: close so the device learns
+                // (it keeps the message and redelivers later).
+                return Err(End::Server(reason::QUOTA_EXCEEDED, code));
+            }
+            return match p.packet_id {
+                Some(pid) => {
+                    self.submit(Work::Echo(reason::QUOTA_EXCEEDED), Some(pid))
+                        .await
+                }
+                None => Ok(()),
+            };
+        }
         let now = Instant::now();
         let len = p.payload.len();
         let wait_msgs = self.msg_bucket.take(1.0, now);
@@ -795,6 +811,35 @@ impl Session {
             received_ms: now_ms(),
         };
         self.submit(Work::Store(msg), p.packet_id).await
+    }
+
+    /// Why this publish must be refused to protect the disk, if it must: the data dir's
+    /// file system is below `storage.min_free_bytes`, or the device is past its quota (then
+    /// nothing is charged). From memory; no query per message.
+    fn storage_refusal(&self, p: &Publish) -> Option<&'static str> {
+        if self.tel.disk.as_ref().is_some_and(|d| d.is_low()) {
+            return Some("disk_full");
+        }
+        let q = self.tel.quota.as_ref()?;
+        let bytes = devid_store::RECORD_OVERHEAD
+            + p.payload.len() as u64
+            + p.topic.len() as u64
+            + self.device.len() as u64
+            + p.msg_id.as_ref().map_or(0, |m| m.len() as u64);
+        (!q.charge(&self.device, bytes, now_ms())).then_some("quota_exceeded")
+    }
+
+    /// [`Session::storage_refusal`] for the will message.
+    fn will_refusal(&self, w: &Will) -> Option<&'static str> {
+        if self.tel.disk.as_ref().is_some_and(|d| d.is_low()) {
+            return Some("disk_full");
+        }
+        let q = self.tel.quota.as_ref()?;
+        let bytes = devid_store::RECORD_OVERHEAD
+            + w.payload.len() as u64
+            + w.topic.len() as u64
+            + self.device.len() as u64;
+        (!q.charge(&self.device, bytes, now_ms())).then_some("quota_exceeded")
     }
 
     fn on_subscribe(&mut self, packet_id: NonZeroU16, filters: Vec<(devid_mqtt::ByteString, u8)>) {
@@ -830,6 +875,13 @@ impl Session {
         let code = match ack.outcome {
             Outcome::Stored | Outcome::Duplicate => reason::SUCCESS,
             Outcome::Echo(code) => code,
+            // the commit failed and the disk is (now) below the watermark: say so
+            Outcome::Failed
+                if self.conn.proto == Protocol::V5
+                    && self.tel.disk.as_ref().is_some_and(|d| d.was_low()) =>
+            {
+                reason::QUOTA_EXCEEDED
+            }
             Outcome::Failed if self.conn.proto == Protocol::V5 => reason::UNSPECIFIED_ERROR,
             Outcome::Failed => {
                 // 3.1.1 has no failed PUBACK: close; the client redelivers after reconnecting.
@@ -873,6 +925,12 @@ impl Session {
         self.tel.metrics.disconnected(why);
         tracing::debug!(device_id = %self.id, reason = why, "MQTT session closed");
         if will {
+            // a will is a publish too: it passes the watermark and the quota or is dropped
+            if let Some(why) = self.will.as_ref().and_then(|w| self.will_refusal(w)) {
+                self.tel.metrics.storage_refused(why);
+                tracing::debug!(device_id = %self.id, reason = why, "will message not stored");
+                self.will = None;
+            }
             if let Some(w) = self.will.take() {
                 let msg = NewMessage {
                     device_id: self.device.clone(),

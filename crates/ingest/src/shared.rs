@@ -14,7 +14,7 @@ use devid_store::{
 };
 use tokio::sync::broadcast;
 
-use crate::{commit, limits, live, metrics};
+use crate::{commit, limits, live, metrics, storage};
 
 /// How often pending `last_seen` times are written to the registry.
 pub(crate) const LAST_SEEN_FLUSH: Duration = Duration::from_secs(1);
@@ -40,6 +40,10 @@ pub struct Ingest {
     pub stream: broadcast::Sender<Arc<LiveMessage>>,
     /// Per-source handshake limits.
     pub sources: Arc<limits::SourceLimiter>,
+    /// The free-disk watermark (None: off).
+    pub disk: Option<Arc<storage::DiskGuard>>,
+    /// The per-device byte quota (None: off).
+    pub quota: Option<storage::Quota>,
     audit_limiter: limits::AuditLimiter,
     /// `last_seen` times not yet written, by device (sorted: batches lock rows in id order).
     last_seen: Mutex<BTreeMap<DeviceId, i64>>,
@@ -54,7 +58,57 @@ impl Ingest {
         messages: Arc<dyn MessageStore>,
         stream: broadcast::Sender<Arc<LiveMessage>>,
     ) -> Result<Arc<Self>, StoreError> {
+        Self::start_with(
+            settings,
+            storage::StorageLimits::default(),
+            registry,
+            messages,
+            stream,
+        )
+    }
+
+    /// [`Ingest::start`] with the disk's limits: the free-space watermark and the per-device
+    /// quota (seeded here from what `messages` holds within its window).
+    pub fn start_with(
+        settings: MqttSettings,
+        limits: storage::StorageLimits,
+        registry: Arc<dyn IngestRegistry>,
+        messages: Arc<dyn MessageStore>,
+        stream: broadcast::Sender<Arc<LiveMessage>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let metrics = Arc::new(metrics::Metrics::new());
+        let disk = match (&limits.data_dir, limits.min_free_bytes) {
+            (Some(dir), min) if min > 0 => {
+                Some(Arc::new(storage::DiskGuard::new(dir.clone(), min)))
+            }
+            _ => None,
+        };
+        let quota = match limits.quota {
+            Some((window, bytes)) if bytes > 0 => {
+                let q = storage::Quota::new(window, bytes);
+                // The store blocks (PostgreSQL panics on an async executor thread, and this
+                // may be called from one): seed on a thread of its own.
+                let rows = std::thread::scope(|sc| {
+                    sc.spawn(|| q.seed_from(&*messages, now_ms()))
+                        .join()
+                        .unwrap_or_else(|_| {
+                            Err(StoreError::Db {
+                                operation: "seed the per-device quota",
+                                detail: "the seeding thread panicked".into(),
+                            })
+                        })
+                })?;
+                tracing::info!(
+                    buckets = rows,
+                    "per-device quota counters seeded from the message store"
+                );
+                Some(q)
+            }
+            _ => None,
+        };
+        if let Some(d) = &disk {
+            metrics.set_disk_guard(d.clone());
+        }
         {
             let metrics = metrics.clone();
             let stream = stream.clone();
@@ -72,6 +126,7 @@ impl Ingest {
             messages.clone(),
             metrics.clone(),
             stream.clone(),
+            disk.clone(),
             settings.commit_batch_max,
             settings.commit_queue,
         )
@@ -91,6 +146,8 @@ impl Ingest {
             settings,
             registry,
             messages,
+            disk,
+            quota,
             live: live::LiveConnections::new(),
             metrics,
             commits,

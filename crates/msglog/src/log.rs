@@ -37,8 +37,9 @@ pub struct Entry {
     pub len: u32,
 }
 
-/// Log failures. After a failed write or sync the writer refuses every further append: what
-/// reached the disk is unknown until the log is recovered by a restart.
+/// Log failures. After a failed write or sync the writer cuts the segment back to the end of
+/// the last durable batch and syncs it before it appends again (the next append tries that
+/// repair first), so a full disk costs the batches that failed, never a restart.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// A file operation failed.
@@ -75,9 +76,10 @@ pub enum LogError {
     /// A message cannot be encoded.
     #[error("message log: {0}")]
     Encode(#[from] record::EncodeError),
-    /// An earlier write or sync failed.
-    #[error("message log: an earlier write failed; restart the server to recover the log")]
-    Poisoned,
+    /// An earlier write or sync failed and the segment could not be cut back to its durable
+    /// end yet (the next append tries again).
+    #[error("message log: an earlier write failed and the log could not be repaired yet: {0}")]
+    Poisoned(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
@@ -109,11 +111,13 @@ impl Default for Options {
     }
 }
 
-fn segment_path(dir: &Path, n: u32) -> PathBuf {
+/// The file of segment `n` in `dir`.
+pub fn segment_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("seg-{n:010}.log"))
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<u32>, LogError> {
+/// The segment numbers in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> Result<Vec<u32>, LogError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
         let e = e.map_err(io("list", dir))?;
@@ -401,7 +405,7 @@ impl LogWriter {
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
         if self.poisoned {
-            return Err(LogError::Poisoned);
+            self.repair()?;
         }
         self.buf.clear();
         let first_out = out.len();
@@ -445,10 +449,11 @@ impl LogWriter {
             .and_then(|()| self.file.sync_data().map_err(io("sync", &path)));
         if let Err(e) = r {
             out.truncate(first_out);
-            // What reached the disk is unknown (and a failed fsync may have dropped dirty
-            // pages): refuse further appends until a restart recovers the log.
+            // What reached the disk past `offset` is unknown (and a failed fsync may have
+            // dropped dirty pages of this batch): cut it off and sync before the next append.
+            // Everything before `offset` was synced by earlier batches.
             self.poisoned = true;
-            let _ = self.file.set_len(u64::from(self.offset));
+            let _ = self.repair();
             return Err(e);
         }
         for e in &mut out[first_out..] {
@@ -457,6 +462,37 @@ impl LogWriter {
         self.offset += need as u32;
         self.next_seq = seq;
         Ok(())
+    }
+
+    /// Cut the current segment back to the end of the last durable batch and sync it; only
+    /// then may appends continue.
+    fn repair(&mut self) -> Result<(), LogError> {
+        let path = segment_path(&self.dir, self.segment);
+        let r = self
+            .file
+            .set_len(u64::from(self.offset))
+            .map_err(io("truncate", &path))
+            .and_then(|()| self.file.sync_all().map_err(io("sync", &path)));
+        match r {
+            Ok(()) => {
+                if self.poisoned {
+                    tracing::info!(segment = %path.display(), "message log repaired after a failed write; appending again");
+                }
+                self.poisoned = false;
+                // the file now ends at `offset`: appends grow it
+                self.preallocated = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(LogError::Poisoned(e.to_string()))
+            }
+        }
+    }
+
+    /// The segment appends go to now.
+    pub fn segment(&self) -> u32 {
+        self.segment
     }
 
     fn spare_ready(&self) -> bool {
@@ -479,16 +515,23 @@ impl LogWriter {
         let (file, preallocated) = match ready {
             Some((tmp, f)) => {
                 let path = segment_path(&self.dir, next);
-                std::fs::rename(&tmp, &path)
+                if let Err(e) = std::fs::rename(&tmp, &path)
                     .map_err(io("rename the prepared segment to", &path))
                     .and_then(|()| sync_dir(&self.dir))
-                    .inspect_err(|_| self.poisoned = true)?;
+                {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 (f, true)
             }
-            None => (
-                create_segment(&self.dir, next).inspect_err(|_| self.poisoned = true)?,
-                false,
-            ),
+            None => {
+                // a rotation that failed after creating the file leaves it empty: reuse it
+                let path = segment_path(&self.dir, next);
+                if path.exists() && first_seq(&path)?.is_none() {
+                    std::fs::remove_file(&path).map_err(io("remove", &path))?;
+                }
+                (create_segment(&self.dir, next)?, false)
+            }
         };
         self.file = file;
         self.segment = next;
@@ -581,5 +624,49 @@ impl LogReader {
             }),
             Decoded::Invalid(why) => Err(LogError::NotFound { seq, pos, why }),
         }
+    }
+}
+
+/// What one closed segment holds, for retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// The segment number.
+    pub segment: u32,
+    /// Its first and last seq.
+    pub first_seq: u64,
+    /// Its last seq.
+    pub last_seq: u64,
+    /// The newest receive time in it, ms.
+    pub newest_ms: i64,
+}
+
+/// Read segment `n` of `dir` and summarise it (None: it holds no record).
+pub fn summarize_segment(dir: &Path, n: u32) -> Result<Option<SegmentSummary>, LogError> {
+    let path = segment_path(dir, n);
+    let bytes = std::fs::read(&path).map_err(io("read", &path))?;
+    let scan = record::scan_segment(&bytes);
+    let (Some((_, first)), Some((_, last))) = (scan.records.first(), scan.records.last()) else {
+        return Ok(None);
+    };
+    Ok(Some(SegmentSummary {
+        segment: n,
+        first_seq: first.seq,
+        last_seq: last.seq,
+        newest_ms: scan
+            .records
+            .iter()
+            .map(|(_, r)| r.received_ms)
+            .max()
+            .unwrap_or(i64::MIN),
+    }))
+}
+
+/// Delete segment `n` of `dir` (retention). Never call it for the segment being written.
+pub fn remove_segment(dir: &Path, n: u32) -> Result<(), LogError> {
+    let path = segment_path(dir, n);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("remove", &path)(e)),
     }
 }

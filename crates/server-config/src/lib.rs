@@ -11,10 +11,12 @@
 pub mod error;
 pub mod https;
 pub mod mqtt;
+pub mod storage;
 
 pub use error::ConfigError;
 pub use https::HttpsSettings;
 pub use mqtt::MqttSettings;
+pub use storage::{RetentionSettings, StorageSettings};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -113,6 +115,12 @@ pub struct ServerConfig {
     /// MQTT ingest settings (`mqtt.*` keys; every one has a default).
     #[serde(default)]
     pub mqtt: mqtt::MqttSettings,
+    /// Free-disk watermark and log segment size (`storage.*` keys).
+    #[serde(default)]
+    pub storage: storage::StorageSettings,
+    /// Message retention and per-device quota (`retention.*` keys; off by default).
+    #[serde(default)]
+    pub retention: storage::RetentionSettings,
 }
 
 /// The `[database]` table (written as dotted keys, `database.password_file = ...`).
@@ -237,6 +245,8 @@ impl ServerConfig {
             renewal: RenewalSettings::default(),
             https: Default::default(),
             mqtt: Default::default(),
+            storage: Default::default(),
+            retention: Default::default(),
         }
     }
 
@@ -316,6 +326,14 @@ impl ServerConfig {
         self.db_location()?;
         self.mqtt.validate()?;
         self.https.validate()?;
+        self.storage.validate()?;
+        self.retention.validate()?;
+        if self.storage.segment_bytes <= self.mqtt.max_payload_bytes.saturating_add(8 << 10) {
+            return Err(ConfigError::Invalid {
+                key: "storage.segment_bytes",
+                detail: "must be larger than mqtt.max_payload_bytes plus 8 KiB".into(),
+            });
+        }
         devid_stdx::proxy::Trusted::parse(&self.proxy_protocol.trusted).map_err(|e| {
             ConfigError::Invalid {
                 key: "proxy_protocol.trusted",
@@ -535,6 +553,8 @@ impl ServerConfig {
             ),
         ) + &self.https.to_commented_toml()
             + &self.mqtt.to_commented_toml()
+            + &self.storage.to_commented_toml()
+            + &self.retention.to_commented_toml()
     }
 }
 

@@ -18,7 +18,7 @@
 //! (`PASSIVE`, every [`CHECKPOINT_EVERY`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -28,7 +28,7 @@ use devid_proto::DeviceId;
 use rusqlite::{params, Connection, TransactionBehavior};
 
 use devid_store::StoreError;
-use devid_store::{Appended, IndexHook, MessageStore, NewMessage, StoredMessage};
+use devid_store::{Appended, DeviceUsage, IndexHook, MessageStore, NewMessage, StoredMessage};
 
 /// The index. One narrow row per message, clustered by device (`WITHOUT ROWID`, so one b-tree
 /// insert per message); topic, payload and the rest stay in the log record the row points at.
@@ -50,7 +50,29 @@ CREATE TABLE IF NOT EXISTS message_log_state (
     indexed INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO message_log_state (k, indexed) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS message_segments (
+    segment   INTEGER PRIMARY KEY,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    newest_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS message_usage (
+    device_id TEXT NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,
+    PRIMARY KEY (device_id, bucket_ms)
+) WITHOUT ROWID;
 "#;
+
+/// Width of the `message_usage` time buckets written while the log is recovered at open
+/// (fine, so that a restart seeds the quota precisely). Afterwards the indexer writes none
+/// until [`SqliteMessageStore::start_retention`] sets a width from `retention.max_age`.
+const DEFAULT_USAGE_BUCKET_MS: i64 = 1_000;
+/// Index rows deleted per statement by retention (each its own transaction, so the indexer
+/// never waits long for the write lock).
+const RETENTION_DELETE_BATCH: i64 = 10_000;
+/// Most segments retention deletes per round (bounded work per round).
+const RETENTION_SEGMENTS_PER_ROUND: i64 = 8;
 
 /// Rows per multi-row INSERT: a batch is split into statements of these sizes (largest
 /// first), so only four statements are ever prepared and cached.
@@ -115,6 +137,7 @@ fn index_rows(
     conn: &mut Connection,
     sqls: &[String; 4],
     rows: &[IndexRow],
+    bucket_ms: i64,
 ) -> Result<Vec<i64>, StoreError> {
     let err = db("index messages");
     let tx = conn
@@ -147,6 +170,47 @@ fn index_rows(
                 stored.push(row.get::<_, i64>(0).map_err(&err)?);
             }
             rest = tail;
+        }
+    }
+    // What retention and the quota need: each segment's seq range and newest time, and the
+    // bytes each device logged per time bucket (a few rows per transaction).
+    let mut segments: std::collections::BTreeMap<u32, (u64, u64, i64)> = Default::default();
+    let mut usage: std::collections::BTreeMap<(&str, i64), i64> = Default::default();
+    for r in rows {
+        let seg =
+            segments
+                .entry(r.entry.pos.segment())
+                .or_insert((r.entry.seq, r.entry.seq, i64::MIN));
+        seg.0 = seg.0.min(r.entry.seq);
+        seg.1 = seg.1.max(r.entry.seq);
+        seg.2 = seg.2.max(r.msg.received_ms);
+        if bucket_ms > 0 {
+            let bucket = r.msg.received_ms.div_euclid(bucket_ms) * bucket_ms;
+            *usage.entry((&r.msg.device_id, bucket)).or_insert(0) += i64::from(r.entry.len);
+        }
+    }
+    {
+        let mut st = tx
+            .prepare_cached(
+                "INSERT INTO message_segments (segment, first_seq, last_seq, newest_ms) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (segment) DO UPDATE SET \
+                 first_seq = min(first_seq, excluded.first_seq), \
+                 last_seq = max(last_seq, excluded.last_seq), \
+                 newest_ms = max(newest_ms, excluded.newest_ms)",
+            )
+            .map_err(&err)?;
+        for (seg, (first, last, newest)) in segments {
+            st.execute(params![seg, first as i64, last as i64, newest])
+                .map_err(&err)?;
+        }
+        let mut st = tx
+            .prepare_cached(
+                "INSERT INTO message_usage (device_id, bucket_ms, bytes) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (device_id, bucket_ms) DO UPDATE SET bytes = bytes + excluded.bytes",
+            )
+            .map_err(&err)?;
+        for ((dev, bucket), bytes) in usage {
+            st.execute(params![dev, bucket, bytes]).map_err(&err)?;
         }
     }
     if let Some(last) = rows.last() {
@@ -223,6 +287,12 @@ pub struct SqliteMessageStore {
     indexer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
     log_dir: PathBuf,
+    /// The SQLite file (retention opens its own connection).
+    path: PathBuf,
+    /// Width of the `message_usage` buckets the indexer writes.
+    bucket_ms: Arc<AtomicI64>,
+    /// The segment being written (retention never deletes it).
+    segment: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for SqliteMessageStore {
@@ -263,6 +333,7 @@ fn indexer(
     sqls: [String; 4],
     progress: Arc<Progress>,
     hook: Arc<OnceLock<IndexHook>>,
+    bucket_ms: Arc<AtomicI64>,
 ) {
     let mut rows: Vec<IndexRow> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -285,7 +356,7 @@ fn indexer(
         }
         let mut delay = Duration::from_millis(10);
         let stored = loop {
-            match index_rows(&mut conn, &sqls, &rows) {
+            match index_rows(&mut conn, &sqls, &rows, bucket_ms.load(Ordering::Relaxed)) {
                 Ok(s) => break s,
                 Err(e) => {
                     // The log holds the messages; retrying loses nothing. Reads wait (and
@@ -398,6 +469,17 @@ impl SqliteMessageStore {
         Self::open_with(path, devid_msglog::Options::default())
     }
 
+    /// [`Self::open`] with log segments of `segment_bytes` (`storage.segment_bytes`).
+    pub fn open_with_segment_bytes(path: &Path, segment_bytes: u32) -> Result<Self, StoreError> {
+        Self::open_with(
+            path,
+            devid_msglog::Options {
+                segment_bytes,
+                ..Default::default()
+            },
+        )
+    }
+
     /// [`Self::open`] with explicit log settings (tests use small segments).
     pub fn open_with(path: &Path, opts: devid_msglog::Options) -> Result<Self, StoreError> {
         let mut index = connect(path, "NORMAL")?;
@@ -440,7 +522,7 @@ impl SqliteMessageStore {
                 msg: from_record(r),
             });
             if replay.len() >= INDEX_BATCH_MAX {
-                if let Err(e) = index_rows(&mut index, &sqls, &replay) {
+                if let Err(e) = index_rows(&mut index, &sqls, &replay, DEFAULT_USAGE_BUCKET_MS) {
                     replay_err = Some(e);
                 }
                 replay.clear();
@@ -451,7 +533,7 @@ impl SqliteMessageStore {
             return Err(e);
         }
         if !replay.is_empty() {
-            index_rows(&mut index, &sqls, &replay)?;
+            index_rows(&mut index, &sqls, &replay, DEFAULT_USAGE_BUCKET_MS)?;
         }
         if rec.replayed > 0 || rec.torn_bytes > 0 {
             tracing::info!(
@@ -476,7 +558,7 @@ impl SqliteMessageStore {
                         msg: m.clone(),
                     })
                     .collect();
-                index_rows(&mut index, &sqls, &rows)?;
+                index_rows(&mut index, &sqls, &rows, DEFAULT_USAGE_BUCKET_MS)?;
             }
             index
                 .execute_batch("DROP TABLE messages;")
@@ -491,13 +573,16 @@ impl SqliteMessageStore {
         progress.logged.store(last, Ordering::Release);
         progress.set_indexed(last);
         let hook: Arc<OnceLock<IndexHook>> = Arc::new(OnceLock::new());
+        let bucket_ms = Arc::new(AtomicI64::new(0));
+        let segment = Arc::new(AtomicU32::new(log.segment()));
         let (tx, rx) = mpsc::sync_channel(INDEX_QUEUE);
         let indexer = {
             let progress = progress.clone();
             let hook = hook.clone();
+            let bucket_ms = bucket_ms.clone();
             std::thread::Builder::new()
                 .name("devid-index".into())
-                .spawn(move || indexer(index, rx, sqls, progress, hook))
+                .spawn(move || indexer(index, rx, sqls, progress, hook, bucket_ms))
                 .map_err(|e| StoreError::Db {
                     operation: "start the message indexer",
                     detail: e.to_string(),
@@ -527,6 +612,9 @@ impl SqliteMessageStore {
             indexer: Mutex::new(Some(indexer)),
             stop,
             log_dir: dir,
+            path: path.to_owned(),
+            bucket_ms,
+            segment,
         })
     }
 
@@ -540,6 +628,200 @@ impl SqliteMessageStore {
     /// Wait until everything logged so far is indexed (tests, shutdown).
     pub fn sync_index(&self) -> Result<(), StoreError> {
         self.progress.barrier()
+    }
+
+    /// Delete messages older than `max_age` in a background thread, every `interval`: whole
+    /// log segments once their newest record is older (never the one being written), after
+    /// their index rows; and the quota's usage buckets of that age.
+    pub fn start_retention(&self, max_age: Duration, interval: Duration) -> Result<(), StoreError> {
+        let age_ms = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        self.bucket_ms
+            .store(usage_bucket_ms(max_age), Ordering::Relaxed);
+        let mut r = Retention {
+            conn: connect(&self.path, "NORMAL")?,
+            dir: self.log_dir.clone(),
+            segment: self.segment.clone(),
+            age_ms,
+        };
+        let stop = self.stop.clone();
+        std::thread::Builder::new()
+            .name("devid-retention".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match r.round(devid_stdx::now_ms()) {
+                        Ok(n) if n.segments > 0 => tracing::info!(
+                            segments = n.segments,
+                            index_rows = n.rows,
+                            "retention deleted old messages"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "retention round failed; retrying"),
+                    }
+                    let until = std::time::Instant::now() + interval;
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(100).min(interval));
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Db {
+                operation: "start message retention",
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+/// The quota's bucket width for a retention window: 1/64 of it, between 1 s and 1 h.
+fn usage_bucket_ms(max_age: Duration) -> i64 {
+    i64::try_from(max_age.as_millis() / 64)
+        .unwrap_or(i64::MAX)
+        .clamp(1_000, 3_600_000)
+}
+
+/// The retention worker's connection and settings.
+struct Retention {
+    conn: Connection,
+    dir: PathBuf,
+    segment: Arc<AtomicU32>,
+    age_ms: i64,
+}
+
+/// What one retention round deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Deleted {
+    segments: u64,
+    rows: u64,
+}
+
+impl Retention {
+    /// One bounded round at time `now_ms`.
+    fn round(&mut self, now_ms: i64) -> Result<Deleted, StoreError> {
+        let err = db("delete old messages");
+        let cutoff = now_ms.saturating_sub(self.age_ms);
+        let current = self.segment.load(Ordering::Acquire);
+        self.describe_unknown_segments(current)?;
+        let old: Vec<(u32, i64, i64)> = {
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    // Only segments the indexer is past (a later segment has rows, and
+                    // rows are indexed in log order): the range and newest time of the
+                    // segment are then complete, so no recent record can hide in it.
+                    "SELECT segment, first_seq, last_seq FROM message_segments \
+                     WHERE newest_ms < ?1 AND segment < ?2 \
+                     AND segment < (SELECT max(segment) FROM message_segments) \
+                     ORDER BY segment LIMIT ?3",
+                )
+                .map_err(&err)?;
+            let rows = st
+                .query_map(
+                    params![cutoff, current, RETENTION_SEGMENTS_PER_ROUND],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(&err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(&err)?;
+            rows
+        };
+        let mut done = Deleted::default();
+        for (seg, first, last) in old {
+            done.rows += self.delete_index_rows(first, last)?;
+            devid_msglog::remove_segment(&self.dir, seg)
+                .map_err(log_err("delete a log segment"))?;
+            self.conn
+                .execute("DELETE FROM message_segments WHERE segment = ?1", [seg])
+                .map_err(&err)?;
+            done.segments += 1;
+        }
+        self.conn
+            .execute(
+                "DELETE FROM message_usage WHERE bucket_ms < ?1",
+                [cutoff.saturating_sub(3_600_000)],
+            )
+            .map_err(&err)?;
+        Ok(done)
+    }
+
+    /// Index rows with ids in `first..=last`, device by device, in batches.
+    fn delete_index_rows(&mut self, first: i64, last: i64) -> Result<u64, StoreError> {
+        let err = db("delete old index rows");
+        let mut n = 0u64;
+        let mut after = String::new();
+        loop {
+            let next: Option<String> = self
+                .conn
+                .prepare_cached(
+                    "SELECT device_id FROM message_index WHERE device_id > ?1 \
+                     ORDER BY device_id LIMIT 1",
+                )
+                .and_then(|mut st| {
+                    st.query_row([&after], |r| r.get(0))
+                        .map(Some)
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                            e => Err(e),
+                        })
+                })
+                .map_err(&err)?;
+            let Some(dev) = next else { return Ok(n) };
+            loop {
+                let k = self
+                    .conn
+                    .prepare_cached(
+                        "DELETE FROM message_index WHERE device_id = ?1 AND id IN \
+                         (SELECT id FROM message_index WHERE device_id = ?1 \
+                          AND id BETWEEN ?2 AND ?3 LIMIT ?4)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![dev, first, last, RETENTION_DELETE_BATCH])
+                    })
+                    .map_err(&err)?;
+                n += k as u64;
+                if (k as i64) < RETENTION_DELETE_BATCH {
+                    break;
+                }
+            }
+            after = dev;
+        }
+    }
+
+    /// Closed segments the index never described (written by an older version, or whose
+    /// rows were lost): read one per round and record its range and newest time.
+    fn describe_unknown_segments(&mut self, current: u32) -> Result<(), StoreError> {
+        let err = db("describe log segments");
+        for n in devid_msglog::list_segments(&self.dir).map_err(log_err("list log segments"))? {
+            if n >= current {
+                break;
+            }
+            let known: bool = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM message_segments WHERE segment = ?1")
+                .and_then(|mut st| st.query_row([n], |r| r.get::<_, i64>(0)))
+                .map_err(&err)?
+                > 0;
+            if known {
+                continue;
+            }
+            match devid_msglog::summarize_segment(&self.dir, n)
+                .map_err(log_err("read a log segment"))?
+            {
+                Some(sum) => {
+                    self.conn
+                        .execute(
+                            "INSERT OR IGNORE INTO message_segments \
+                             (segment, first_seq, last_seq, newest_ms) VALUES (?1, ?2, ?3, ?4)",
+                            params![n, sum.first_seq as i64, sum.last_seq as i64, sum.newest_ms],
+                        )
+                        .map_err(&err)?;
+                }
+                None => {
+                    devid_msglog::remove_segment(&self.dir, n)
+                        .map_err(log_err("delete an empty log segment"))?;
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
     }
 }
 
@@ -590,6 +872,7 @@ impl MessageStore for SqliteMessageStore {
                 msg: m.clone(),
             })
             .collect();
+        self.segment.store(w.log.segment(), Ordering::Release);
         // Logged before queued for the index: a reader's barrier never waits for a seq that
         // is not on its way to the indexer.
         self.progress.logged.store(last, Ordering::Release);
@@ -606,6 +889,38 @@ impl MessageStore for SqliteMessageStore {
         if self.hook.set(hook).is_err() {
             tracing::warn!("message index hook set twice; keeping the first");
         }
+    }
+
+    fn usage_since(&self, since_ms: i64, _bucket_ms: i64) -> Result<Vec<DeviceUsage>, StoreError> {
+        self.progress.barrier()?;
+        let conn = Self::lock(&self.reader)?;
+        let err = db("read message usage");
+        let mut st = conn
+            .prepare(
+                "SELECT device_id, bucket_ms, bytes FROM message_usage \
+                 WHERE bucket_ms + ?2 > ?1",
+            )
+            .map_err(&err)?;
+        let rows = st
+            .query_map(
+                params![
+                    since_ms,
+                    self.bucket_ms
+                        .load(Ordering::Relaxed)
+                        .max(DEFAULT_USAGE_BUCKET_MS)
+                ],
+                |r| {
+                    Ok(DeviceUsage {
+                        device_id: r.get(0)?,
+                        bucket_ms: r.get(1)?,
+                        bytes: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                    })
+                },
+            )
+            .map_err(&err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&err)?;
+        Ok(rows)
     }
 
     fn list(

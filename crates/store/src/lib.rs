@@ -30,7 +30,10 @@ mod rules;
 pub mod token;
 pub mod tx;
 
-pub use messages::{Appended, IndexHook, LiveMessage, MessageStore, NewMessage, StoredMessage};
+pub use messages::{
+    Appended, DeviceUsage, IndexHook, LiveMessage, MessageStore, NewMessage, StoredMessage,
+    RECORD_OVERHEAD,
+};
 pub use rules::{state_action, TokenRow};
 pub use tx::RegistryTx;
 

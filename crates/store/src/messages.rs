@@ -46,6 +46,33 @@ impl fmt::Debug for NewMessage {
     }
 }
 
+/// Bytes of per-message overhead counted by [`NewMessage::stored_bytes`]: the message log's
+/// record header and fixed fields (the same for every backend, so a quota means one thing).
+pub const RECORD_OVERHEAD: u64 = 36;
+
+impl NewMessage {
+    /// What this message costs a device's quota: payload, topic, device id and msg-id bytes
+    /// plus [`RECORD_OVERHEAD`] (exactly its length in the SQLite backend's message log).
+    pub fn stored_bytes(&self) -> u64 {
+        RECORD_OVERHEAD
+            + self.payload.len() as u64
+            + self.topic.len() as u64
+            + self.device_id.len() as u64
+            + self.msg_id.as_ref().map_or(0, |m| m.len() as u64)
+    }
+}
+
+/// Bytes one device stored in one time bucket (quota seeding at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUsage {
+    /// The device.
+    pub device_id: String,
+    /// Start of the bucket, ms since the epoch.
+    pub bucket_ms: i64,
+    /// [`NewMessage::stored_bytes`] summed over the bucket.
+    pub bytes: u64,
+}
+
 /// What happened to one appended message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -112,6 +139,10 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
 
     /// Install the hook of an asynchronously indexing store (a no-op for the others).
     fn set_index_hook(&self, _hook: IndexHook) {}
+
+    /// Bytes each device stored since `since_ms`, per time bucket of at most `bucket_ms`
+    /// (the ingest seeds its per-device quota counters from this once at start).
+    fn usage_since(&self, since_ms: i64, bucket_ms: i64) -> Result<Vec<DeviceUsage>, StoreError>;
 
     /// Messages of `device`, oldest first. Every message acknowledged before the call is
     /// visible (an asynchronous index is waited for). With `since` (a row id): the first `limit` rows

@@ -50,13 +50,28 @@ impl Server {
         Self::start_full(extra_init, &[], extra_toml)
     }
 
+    /// [`Server::start_with_config`] with the data dir at `data_dir` (which must not exist
+    /// yet; e.g. on a small tmpfs). The server's log stays in a temp dir outside it.
+    pub fn start_at(data_dir: &Path, extra_toml: &str) -> Self {
+        Self::start_in(Some(data_dir.to_path_buf()), &[], &[], extra_toml)
+    }
+
     fn start_full(
         extra_init: &[&str],
         env: &[(String, std::ffi::OsString)],
         extra_toml: &str,
     ) -> Self {
+        Self::start_in(None, extra_init, env, extra_toml)
+    }
+
+    fn start_in(
+        data_dir: Option<PathBuf>,
+        extra_init: &[&str],
+        env: &[(String, std::ffi::OsString)],
+        extra_toml: &str,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("data");
+        let dir = data_dir.unwrap_or_else(|| tmp.path().join("data"));
         let port = devid_testkit::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mqtt_port = free_port_other_than(port);
