@@ -498,6 +498,18 @@ async fn supervise(ctx: Arc<Ctx>) {
     }
 }
 
+/// The wait a throttling server asked for (`429` with `Retry-After`).
+fn retry_after(e: &renew::RenewError) -> Option<Duration> {
+    match e {
+        renew::RenewError::Enroll(devid_enroll::EnrollError::Server {
+            status: 429,
+            retry_after_secs: Some(s),
+            ..
+        }) => Some(Duration::from_secs((*s).min(24 * 3600))),
+        _ => None,
+    }
+}
+
 async fn renewal_loop(ctx: Arc<Ctx>) {
     let Some(fraction) = ctx.cfg.renew_fraction else {
         return;
@@ -518,6 +530,8 @@ async fn renewal_loop(ctx: Arc<Ctx>) {
         loop {
             let opener = ctx.vault.clone();
             let id = ctx.device_id.clone();
+            // a server that throttles renewals says how long to wait (429, Retry-After)
+            let mut server_wait: Option<Duration> = None;
             let result = tokio::task::spawn_blocking(move || {
                 // Unsealed for this renewal only; dropped (zeroized) when it returns.
                 let vault = opener.open().map_err(renew::RenewError::from)?;
@@ -539,7 +553,10 @@ async fn renewal_loop(ctx: Arc<Ctx>) {
                     ctx.update(|s| s.certificate.last_renewal_error = Some(why.clone()));
                     return;
                 }
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => {
+                    server_wait = retry_after(&e);
+                    Err(e.to_string())
+                }
                 Err(e) => Err(e),
             };
             match outcome {
@@ -563,7 +580,10 @@ async fn renewal_loop(ctx: Arc<Ctx>) {
                     break;
                 }
                 Err(why) => {
-                    let delay = backoff.next_delay();
+                    let delay = match server_wait {
+                        Some(wait) => backoff.next_delay().max(wait),
+                        None => backoff.next_delay(),
+                    };
                     let expired = info.not_after <= status::unix_now() as i64;
                     if expired {
                         tracing::error!(
@@ -582,5 +602,33 @@ async fn renewal_loop(ctx: Arc<Ctx>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status: u16, retry_after_secs: Option<u64>) -> renew::RenewError {
+        renew::RenewError::Enroll(devid_enroll::EnrollError::Server {
+            status,
+            code: "rate_limited".into(),
+            message: String::new(),
+            retry_after_secs,
+        })
+    }
+
+    #[test]
+    fn a_throttled_renewal_waits_what_the_server_asks() {
+        assert_eq!(
+            retry_after(&server(429, Some(30))),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(retry_after(&server(429, None)), None);
+        assert_eq!(retry_after(&server(403, Some(30))), None);
+        assert_eq!(
+            retry_after(&server(429, Some(u64::MAX))),
+            Some(Duration::from_secs(24 * 3600))
+        );
     }
 }

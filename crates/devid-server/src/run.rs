@@ -71,6 +71,7 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         stream.clone(),
     )?;
     let metrics = ingest.metrics.clone();
+    let http_metrics = Arc::new(devid_server_http::HttpMetrics::default());
     let mqtt_up = Arc::new(AtomicBool::new(false));
     let cfg_https = cfg.https.clone();
     let http = HttpState {
@@ -80,7 +81,16 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         live: ingest.clone(),
         messages: backend.messages,
         stream,
-        metrics: Arc::new(move || metrics.encode()),
+        metrics: {
+            let http_metrics = http_metrics.clone();
+            Arc::new(move || {
+                // one exposition: the ingest's families, then the HTTPS API's, then `# EOF`
+                let text = metrics.encode();
+                let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+                format!("{body}{}# EOF\n", http_metrics.encode())
+            })
+        },
+        http_metrics,
         limits: Arc::new(devid_server_http::HttpLimits::new(&cfg_https)),
         readiness: {
             let up = mqtt_up.clone();

@@ -64,8 +64,9 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
     Ok(())
 }
 
-fn read_token(arg: &str) -> Result<String> {
-    let token = if arg == "-" {
+/// The token, in a buffer wiped when dropped (the raw input too).
+fn read_token(arg: &str) -> Result<zeroize::Zeroizing<String>> {
+    let raw = zeroize::Zeroizing::new(if arg == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
@@ -73,8 +74,8 @@ fn read_token(arg: &str) -> Result<String> {
         s
     } else {
         arg.to_string()
-    };
-    let token = token.trim().to_string();
+    });
+    let token = zeroize::Zeroizing::new(raw.trim().to_string());
     if token.is_empty() {
         bail!("the enrolment token is empty: pass the line printed by `devid-server token create`");
     }

@@ -73,6 +73,8 @@ pub enum EnrollError {
         code: String,
         /// The server's sentence.
         message: String,
+        /// `Retry-After` of a throttled request (429), in seconds.
+        retry_after_secs: Option<u64>,
     },
     /// The server's answer is not what the protocol says.
     #[error("invalid answer from the server: {0}")]
@@ -200,19 +202,24 @@ fn client(
 }
 
 impl Client {
-    fn post(&self, path: &str, body: serde_json::Value) -> Result<EnrollResponse, EnrollError> {
+    fn post(&self, path: &str, body: &[u8]) -> Result<EnrollResponse, EnrollError> {
         let result = self
             .agent
             .post(&format!("{}{path}", self.base))
-            .send_json(body);
+            .set("content-type", "application/json")
+            .send_bytes(body);
         let resp = match result {
             Ok(r) => r,
             Err(ureq::Error::Status(status, resp)) => {
+                let retry_after_secs = resp
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok());
                 let body: Option<ErrorBody> = resp.into_json().ok();
                 return Err(EnrollError::Server {
                     status,
                     code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
                     message: body.map(|b| b.error).unwrap_or_default(),
+                    retry_after_secs,
                 });
             }
             Err(ureq::Error::Transport(t)) => {
@@ -258,13 +265,17 @@ pub fn enroll(
     device_id: Option<&str>,
 ) -> Result<EnrollResponse, EnrollError> {
     let c = client(server_url, ca_pin_hex, None)?;
-    let body = serde_json::to_value(EnrollRequest {
+    let mut req = EnrollRequest {
         token: token.to_owned(),
         csr: csr_pem.to_owned(),
         device_id: device_id.map(str::to_owned),
-    })
-    .map_err(|e| EnrollError::Csr(e.to_string()))?;
-    c.post(ENROLL_PATH, body)
+    };
+    // the body holds the token: both are wiped once sent
+    let body = zeroize::Zeroizing::new(
+        serde_json::to_vec(&req).map_err(|e| EnrollError::Csr(e.to_string()))?,
+    );
+    zeroize::Zeroize::zeroize(&mut req.token);
+    c.post(ENROLL_PATH, &body)
 }
 
 /// Renew over mutual TLS: present `cert_chain_pem` (from enrolment) with the keystore's key,
@@ -284,11 +295,11 @@ pub fn renew(
             e => EnrollError::Tls(e.to_string()),
         })?;
     let c = client(server_url, ca_pin_hex, Some(resolver))?;
-    let body = serde_json::to_value(RenewRequest {
+    let body = serde_json::to_vec(&RenewRequest {
         csr: csr_pem.to_owned(),
     })
     .map_err(|e| EnrollError::Csr(e.to_string()))?;
-    c.post(RENEW_PATH, body)
+    c.post(RENEW_PATH, &body)
 }
 
 #[cfg(test)]

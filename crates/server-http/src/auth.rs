@@ -90,6 +90,10 @@ impl FromRequestParts<HttpState> for Admin {
             None => None,
         };
         if let Some(credential) = found {
+            let changes = parts.method != axum::http::Method::GET;
+            state
+                .http_metrics
+                .admin_request(credential.role == Role::ReadOnly, changes);
             let mut ctx = ctx;
             ctx.actor = format!("admin:{}", credential.name);
             return Ok(Admin {

@@ -26,6 +26,6 @@ mod state;
 
 pub use auth::Admin;
 pub use error::ApiError;
-pub use limits::HttpLimits;
+pub use limits::{HttpLimits, HttpMetrics};
 pub use router::{app, routes, surface_app, surface_routes, Surface};
 pub use state::{device_info, HttpState, MetricsText, PeerInfo, Readiness};

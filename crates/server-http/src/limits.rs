@@ -30,3 +30,37 @@ impl HttpLimits {
         }
     }
 }
+
+/// Counters of the HTTPS API that `GET /metrics` shows beside the ingest's (OpenMetrics text
+/// the composition root appends).
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    /// Authenticated admin requests: [admin read, admin change, read-only read, read-only
+    /// change refused].
+    admin_requests: [std::sync::atomic::AtomicU64; 4],
+}
+
+impl HttpMetrics {
+    pub(crate) fn admin_request(&self, read_only: bool, changes: bool) {
+        let i = usize::from(read_only) * 2 + usize::from(changes);
+        self.admin_requests[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counters as OpenMetrics text (no `# EOF`).
+    pub fn encode(&self) -> String {
+        let n = |i: usize| self.admin_requests[i].load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "# HELP devid_admin_requests Authenticated admin API requests by the credential's \
+             role and whether they read or asked to change state.\n\
+             # TYPE devid_admin_requests counter\n\
+             devid_admin_requests_total{{role=\"admin\",kind=\"read\"}} {}\n\
+             devid_admin_requests_total{{role=\"admin\",kind=\"change\"}} {}\n\
+             devid_admin_requests_total{{role=\"read-only\",kind=\"read\"}} {}\n\
+             devid_admin_requests_total{{role=\"read-only\",kind=\"change\"}} {}\n",
+            n(0),
+            n(1),
+            n(2),
+            n(3)
+        )
+    }
+}

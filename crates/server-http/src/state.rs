@@ -37,6 +37,8 @@ pub struct HttpState {
     pub metrics: MetricsText,
     /// Per-source limits and the refusal audit's aggregation.
     pub limits: Arc<crate::limits::HttpLimits>,
+    /// The HTTPS API's own counters (appended to `GET /metrics` by the root).
+    pub http_metrics: Arc<crate::limits::HttpMetrics>,
     /// What the root knows about readiness besides the database (`GET /readyz`): `Err(check)`
     /// names what is down (e.g. `mqtt_listener`).
     pub readiness: Readiness,

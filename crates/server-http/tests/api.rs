@@ -73,6 +73,7 @@ impl Api {
             metrics: Arc::new(|| "# EOF\n".to_owned()),
             limits: Arc::new(devid_server_http::HttpLimits::new(&https)),
             readiness: Arc::new(|| Ok(())),
+            http_metrics: Arc::new(devid_server_http::HttpMetrics::default()),
         };
         Api {
             _dir: dir,
@@ -508,6 +509,16 @@ async fn a_read_only_credential_reads_and_is_refused_every_change() {
         DeviceState::Active
     );
     assert_eq!(api.registry.admin_credentials().unwrap().len(), 2);
+    // read-only calls are counted in the metrics, refused changes too
+    let text = api.state.http_metrics.encode();
+    assert!(
+        text.contains("devid_admin_requests_total{role=\"read-only\",kind=\"read\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("devid_admin_requests_total{role=\"read-only\",kind=\"change\"} 5"),
+        "{text}"
+    );
     // the admin revokes dash: audited with its name; dash's token is dead
     let (status, _) = api
         .call(
