@@ -82,6 +82,11 @@ pub enum Command {
                          libsofthsm2.so&pin-source=file:/etc/devid-server/token.pin'"
         )]
         ca_key: Option<String>,
+        /// Write the config file here instead of DATA_DIR/devid-server.toml (the Debian
+        /// package's unit reads /etc/devid-server/devid-server.toml); DATA_DIR then holds a
+        /// symlink to it.
+        #[arg(long, value_name = "FILE", env = "DEVID_SERVER_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Serve HTTPS (enrolment, renewal, admin API, messages, /metrics) and MQTT (telemetry
     /// ingest over mutual TLS).

@@ -64,6 +64,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             db,
             db_password_file,
             ca_key,
+            config,
         } => {
             let report = init(&InitOptions {
                 data_dir,
@@ -73,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 db,
                 db_password_file,
                 ca_key,
+                config_file: config,
             })?;
             let dir = report.config.data_dir.display();
             let url = format!(

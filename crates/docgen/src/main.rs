@@ -1,6 +1,6 @@
-//! `devid-docgen OUT_DIR`: writes the man pages (`OUT_DIR/man/*.1`, one per command and
+//! `devid-docgen OUT_DIR`: writes the man pages (`OUT_DIR/CMD/man/*.1`, one per command and
 //! subcommand, e.g. `devid-secret-put.1`) and the bash, zsh and fish completions
-//! (`OUT_DIR/completions/{bash,zsh,fish}/`) of `devid` and `devid-server`, generated from
+//! (`OUT_DIR/CMD/completions/{bash,zsh,fish}/`) of `devid` and `devid-server`, generated from
 //! their clap definitions, so that they never drift from `--help`. `scripts/package` runs it
 //! and the Debian packages install what it writes.
 #![forbid(unsafe_code)]
@@ -29,6 +29,7 @@ fn main() -> Result<()> {
 
 fn generate(cmd: clap::Command, out: &Path) -> Result<()> {
     let name = cmd.get_name().to_owned();
+    let out = out.join(&name);
     let man = out.join("man");
     fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
     // One page for the command and one for each (nested) subcommand: devid-secret-put.1.
