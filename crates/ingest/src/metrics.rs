@@ -265,7 +265,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("# HELP devid_mqtt_connects_total Sessions accepted\n"),
+            text.contains("# HELP devid_mqtt_connects_total Sessions accepted.\n"),
             "{text}"
         );
         assert!(text.contains("\ndevid_mqtt_connects_total 1\n"), "{text}");
