@@ -66,6 +66,11 @@ pub struct InitOptions {
     /// Where to make the CA key: `file:FILE` (default `file:ca-key.pem`) or a `pkcs11:` URI
     /// naming a token, its module and PIN file (the key is generated on the token).
     pub ca_key: Option<String>,
+    /// Write the config file here instead of `DATA_DIR/devid-server.toml` (e.g.
+    /// `/etc/devid-server/devid-server.toml`, as the Debian package's unit reads it); the data
+    /// dir then gets a `devid-server.toml` symlink to it, so that the admin commands, which
+    /// take `--data-dir`, find it.
+    pub config_file: Option<PathBuf>,
 }
 
 /// What `init` made.
@@ -98,7 +103,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     fsutil::ensure_private_dir(&opts.data_dir).map_err(ioe(&opts.data_dir))?;
     let data_dir = opts.data_dir.canonicalize().map_err(ioe(&opts.data_dir))?;
     for name in [CONFIG_FILE, CA_CERT_FILE, CA_KEY_FILE, ADMIN_TOKEN_FILE] {
-        if data_dir.join(name).exists() {
+        if data_dir.join(name).symlink_metadata().is_ok() {
             return Err(InitError::Exists(data_dir.join(name).display().to_string()));
         }
     }
@@ -124,6 +129,11 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
         cfg.ca_key = k.clone();
     }
     cfg.validate()?;
+    if let Some(p) = &opts.config_file {
+        if p.symlink_metadata().is_ok() {
+            return Err(InitError::Exists(p.display().to_string()));
+        }
+    }
     let key_ref = cfg.ca_key_ref()?;
     if let CaKeyRef::File(p) = &key_ref {
         if p.exists() {
@@ -197,12 +207,20 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
     )
     .map_err(ioe(&admin_path))?;
 
-    let config_path = cfg.path(CONFIG_FILE);
+    let config_path = opts
+        .config_file
+        .clone()
+        .unwrap_or_else(|| cfg.path(CONFIG_FILE));
     // A database URL with a password makes the config a secret.
     let has_password = devid_store_postgres::redact_url(&cfg.db) != cfg.db;
     let mode = if has_password { 0o600 } else { 0o644 };
     fsutil::write_new(&config_path, cfg.to_commented_toml().as_bytes(), mode)
         .map_err(ioe(&config_path))?;
+    if opts.config_file.is_some() {
+        let link = cfg.path(CONFIG_FILE);
+        let target = config_path.canonicalize().map_err(ioe(&config_path))?;
+        std::os::unix::fs::symlink(&target, &link).map_err(ioe(&link))?;
+    }
     tracing::info!(
         data_dir = %data_dir.display(),
         ca_pin = %ca.pin(),

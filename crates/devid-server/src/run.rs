@@ -84,10 +84,12 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         metrics: {
             let http_metrics = http_metrics.clone();
             Arc::new(move || {
-                // one exposition: the ingest's families, then the HTTPS API's, then `# EOF`
+                // one exposition: the ingest's families, then the HTTPS API's
                 let text = metrics.encode();
-                let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
-                format!("{body}{}# EOF\n", http_metrics.encode())
+                match text.strip_suffix("# EOF\n") {
+                    Some(body) => format!("{body}{}# EOF\n", http_metrics.encode()),
+                    None => format!("{text}{}", http_metrics.encode()),
+                }
             })
         },
         http_metrics,

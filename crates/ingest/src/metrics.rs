@@ -129,7 +129,7 @@ impl Metrics {
             m.messages_in.clone(),
         );
         registry.register(
-            "bytes_in",
+            "received_payload_bytes",
             "Payload bytes received and authorised",
             m.bytes_in.clone(),
         );
@@ -154,7 +154,7 @@ impl Metrics {
             m.commit_seconds.clone(),
         );
         registry.register(
-            "commit_batch_size",
+            "commit_batch_messages",
             "Messages per group commit",
             m.commit_batch_size.clone(),
         );
@@ -198,17 +198,19 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition.
+    /// The text exposition, in the Prometheus text format (version 0.0.4) that Prometheus
+    /// scrapes and `promtool check metrics` lints: a counter family is named with its
+    /// `_total` suffix, as its samples are (OpenMetrics names the family without it).
     pub fn encode(&self) -> String {
         if let Some(g) = self.disk_free.get() {
             self.disk_free_bytes
                 .set(i64::try_from(g.free_bytes()).unwrap_or(i64::MAX));
         }
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+        let mut open = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut open, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
-        out
+        to_prometheus_text(&open)
     }
 
     /// Count a handshake-phase failure.
@@ -246,5 +248,70 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// OpenMetrics text to the Prometheus text format: `# HELP`/`# TYPE` of a counter family get
+/// the `_total` of its samples, `# EOF` goes.
+fn to_prometheus_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 16 * counters.len());
+    for line in open.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_and_every_family_has_help() {
+        let m = Metrics::new();
+        m.connects.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE devid_mqtt_connects_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP devid_mqtt_connects_total Sessions accepted.\n"),
+            "{text}"
+        );
+        assert!(text.contains("\ndevid_mqtt_connects_total 1\n"), "{text}");
+        assert!(
+            text.contains("# TYPE devid_mqtt_connections gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE devid_mqtt_commit_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

@@ -50,9 +50,9 @@ impl HttpMetrics {
     pub fn encode(&self) -> String {
         let n = |i: usize| self.admin_requests[i].load(std::sync::atomic::Ordering::Relaxed);
         format!(
-            "# HELP devid_admin_requests Authenticated admin API requests by the credential's \
+            "# HELP devid_admin_requests_total Authenticated admin API requests by the credential's \
              role and whether they read or asked to change state.\n\
-             # TYPE devid_admin_requests counter\n\
+             # TYPE devid_admin_requests_total counter\n\
              devid_admin_requests_total{{role=\"admin\",kind=\"read\"}} {}\n\
              devid_admin_requests_total{{role=\"admin\",kind=\"change\"}} {}\n\
              devid_admin_requests_total{{role=\"read-only\",kind=\"read\"}} {}\n\

@@ -5,7 +5,7 @@
 //!   `next_since` continues the listing.
 //! * `GET /v1/stream?device=ID`: server-sent events, one `message` event per stored message
 //!   (`id:` is the row id), `lagged` when a slow reader skipped some.
-//! * `GET /metrics`: Prometheus / OpenMetrics text.
+//! * `GET /metrics`: Prometheus text format (0.0.4).
 //!
 //! Payloads are shown as UTF-8 text when they are, base64 otherwise (`payload_encoding`).
 
@@ -146,7 +146,7 @@ pub async fn metrics(_admin: Admin, State(state): State<HttpState>) -> Response 
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
         (state.metrics)(),
     )
