@@ -264,6 +264,15 @@ impl AdminClient {
         )
     }
 
+    /// Forget a device's registered TPM attestation (after a TPM swap).
+    pub fn reset_attestation(&self, id: &str) -> Result<DeviceInfo, AdminError> {
+        self.call(
+            "POST",
+            &format!("/v1/admin/devices/{}/reset-attestation", path_segment(id)),
+            Some(serde_json::json!({})),
+        )
+    }
+
     /// The newest `limit` audit rows, oldest first.
     pub fn audit(&self, limit: u32, device: Option<&str>) -> Result<Vec<AuditEntry>, AdminError> {
         let mut path = format!("/v1/admin/audit?limit={limit}");

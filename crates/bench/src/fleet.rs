@@ -67,8 +67,7 @@ fn enrol_one(admin: &AdminClient, url: &str, pin: &str, i: usize) -> Result<Devi
     let token = admin
         .create_token(&TokenCreateRequest {
             device_id: Some(id.clone()),
-            ttl_seconds: None,
-            policy: None,
+            ..Default::default()
         })
         .map_err(|e| BenchError::Enrol(format!("token for {id}: {e}")))?
         .token;

@@ -46,6 +46,8 @@ pub struct VerifiedCsr {
     pub spki_der: Vec<u8>,
     /// Hex SHA-256 of `spki_der`.
     pub key_fingerprint: String,
+    /// The request itself, DER (attestation binds the TPM's Certify to it).
+    pub der: Vec<u8>,
 }
 
 /// Parse and verify a PEM CSR.
@@ -114,6 +116,7 @@ pub fn verify_csr_der(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
     Ok(VerifiedCsr {
         key_fingerprint: hex::encode(Sha256::digest(&spki_der)),
         spki_der,
+        der: der.to_vec(),
     })
 }
 

@@ -188,6 +188,14 @@ pub enum TokenCommand {
         /// Policy name for the device.
         #[arg(long)]
         policy: Option<String>,
+        /// `required`: the device must attest its key in a TPM (a token can only be stricter
+        /// than the server's attestation.mode).
+        #[arg(long, value_parser = ["required", "optional"])]
+        attestation: Option<String>,
+        /// Hex SHA-256 of the EK public key (SPKI) the device must attest with: its assurance
+        /// is `ek-allowlist` when the EK certificate chains to no configured root.
+        #[arg(long)]
+        ek_fingerprint: Option<String>,
     },
 }
 
@@ -273,6 +281,15 @@ pub enum DeviceCommand {
     /// Revoke a device for good.
     #[command(after_help = "Example:\n  devid-server device revoke sensor-01")]
     Revoke {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Forget the device's registered TPM (endorsement and attestation key), so that it may
+    /// attest from another TPM (after a board repair). Audited.
+    #[command(after_help = "Example:\n  devid-server device reset-attestation sensor-01")]
+    ResetAttestation {
         /// Device id.
         id: String,
         #[command(flatten)]

@@ -27,6 +27,9 @@ pub enum RunError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The attestation settings are unusable (e.g. an unreadable EK root).
+    #[error("attestation.ek_roots: {0}")]
+    Attestation(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}; is another server running there?")]
     Bind {

@@ -127,6 +127,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             device_id,
             ttl,
             policy,
+            attestation,
+            ek_fingerprint,
         }) => {
             let ttl_seconds = ttl
                 .as_deref()
@@ -136,6 +138,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 device_id,
                 ttl_seconds,
                 policy,
+                attestation,
+                ek_fingerprint,
             })?;
             println!(
                 "# one-time enrolment token{} (policy {}), expires {}:",
@@ -283,13 +287,17 @@ fn device(cmd: DeviceCommand) -> Result<()> {
             if json {
                 return print_json(&devices);
             }
-            println!("{:<40} {:<9} {:<10} CERT EXPIRES", "ID", "STATE", "POLICY");
+            println!(
+                "{:<40} {:<9} {:<10} {:<12} CERT EXPIRES",
+                "ID", "STATE", "POLICY", "ASSURANCE"
+            );
             for d in devices {
                 println!(
-                    "{:<40} {:<9} {:<10} {}",
+                    "{:<40} {:<9} {:<10} {:<12} {}",
                     d.id,
                     d.state.as_str(),
                     d.policy,
+                    d.assurance,
                     d.cert_not_after
                 );
             }
@@ -309,6 +317,22 @@ fn device(cmd: DeviceCommand) -> Result<()> {
             println!("created:         {}", d.created_at);
             println!("enrolled:        {}", d.enrolled_at);
             println!("last seen:       {}", d.last_seen);
+            println!("assurance:       {}", d.assurance);
+            if let Some(ek) = &d.ek_fingerprint {
+                println!("EK fingerprint:  {ek}");
+            }
+            if d.tpm_manufacturer.is_some() || d.tpm_model.is_some() {
+                println!(
+                    "TPM:             {} {}",
+                    d.tpm_manufacturer.as_deref().unwrap_or("?"),
+                    d.tpm_model.as_deref().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        DeviceCommand::ResetAttestation { id, dir } => {
+            let d = client(&dir)?.reset_attestation(&id)?;
+            println!("{}: attestation reset (assurance {})", d.id, d.assurance);
             return Ok(());
         }
         DeviceCommand::Suspend { id, dir } => (id, dir, StateAction::Suspend),

@@ -74,6 +74,13 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
     let http_metrics = Arc::new(devid_server_http::HttpMetrics::default());
     let mqtt_up = Arc::new(AtomicBool::new(false));
     let cfg_https = cfg.https.clone();
+    let attest = devid_server_http::AttestPolicy::from_config(&cfg)
+        .map_err(|e| RunError::Attestation(e.to_string()))?;
+    tracing::info!(
+        mode = attest.mode.as_str(),
+        ek_roots = attest.roots.len(),
+        "TPM key attestation"
+    );
     let http = HttpState {
         registry: backend.registry,
         ca,
@@ -94,6 +101,7 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         },
         http_metrics,
         limits: Arc::new(devid_server_http::HttpLimits::new(&cfg_https)),
+        attest: Arc::new(attest),
         readiness: {
             let up = mqtt_up.clone();
             Arc::new(move || {

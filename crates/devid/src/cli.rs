@@ -233,6 +233,14 @@ pub struct EnrollArgs {
     /// Device id to ask for (lowercase a-z 0-9 -, up to 64); the token may already bind one.
     #[arg(long, value_name = "ID")]
     pub device_id: Option<String>,
+    /// Do not attest the key, even if the TPM and the server could (refused by servers and
+    /// tokens that require attestation).
+    #[arg(long)]
+    pub no_attest: bool,
+    /// Which endorsement key attests (rsa2048, ecc-p256, ecc-p384, rsa3072); default: the
+    /// first one the TPM has a certificate for.
+    #[arg(long, value_name = "ALG", value_parser = ["rsa2048", "ecc-p256", "ecc-p384", "rsa3072"])]
+    pub ek_alg: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

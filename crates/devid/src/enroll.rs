@@ -26,7 +26,8 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
 
     let csr = devid_enroll::build_csr_with_keystore(ks.as_ref(), wanted_id)
         .context("cannot build the certificate request in the keystore")?;
-    let resp = devid_enroll::enroll(&args.server, &token, &pin, &csr, wanted_id)
+    let evidence = attest(args, &token, &pin, ks.as_ref(), &csr)?;
+    let resp = devid_enroll::enroll_with(&args.server, &token, &pin, &csr, wanted_id, evidence)
         .with_context(|| format!("enrolment with {} failed", args.server))?;
 
     let ca_pem = check_chain(&resp.certificate_chain, &pin, &resp.device_id, ks.as_ref())?;
@@ -45,12 +46,14 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
     if args.json {
         let v = json!({
             "device_id": resp.device_id,
+            "assurance": resp.assurance,
             "mqtt_url": resp.mqtt_url,
             "certificate": cert,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("enrolled as device {}", resp.device_id);
+        println!("key assurance: {}", assurance_text(&resp.assurance));
         println!("mqtt endpoint: {}", resp.mqtt_url);
         if let Some(c) = cert {
             println!(
@@ -62,6 +65,67 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
         println!("sealed into the bundle in {}", cx.dir.display());
     }
     Ok(())
+}
+
+/// What the server's assurance level means, for people.
+fn assurance_text(a: &str) -> String {
+    match a {
+        "ek-cert" => "ek-cert (TPM attested: the key was made in a TPM whose EK certificate \
+                      the server trusts)"
+            .into(),
+        "ek-allowlist" => "ek-allowlist (TPM attested: the token named this TPM's EK)".into(),
+        other => format!("{other} (not attested)"),
+    }
+}
+
+/// Attest the key when the keystore can (a TPM with an EK certificate), the user did not say
+/// `--no-attest` and the server attests: the challenge, then the TPM's answer. `None` means
+/// enrol unattested (and the server decides whether that is enough).
+fn attest(
+    args: &EnrollArgs,
+    token: &str,
+    pin: &str,
+    ks: &dyn Keystore,
+    csr: &str,
+) -> Result<Option<devid_proto::AttestationEvidence>> {
+    if args.no_attest {
+        return Ok(None);
+    }
+    let Some(attestor) = ks.attestation() else {
+        return Ok(None);
+    };
+    let identity = attestor
+        .attestation_identity(args.ek_alg.as_deref())
+        .context("cannot read the TPM's endorsement key certificate or make its attestation key")?;
+    let Some(identity) = identity else {
+        if let Some(alg) = &args.ek_alg {
+            bail!("the TPM has no {alg} endorsement key certificate; try another --ek-alg or --no-attest");
+        }
+        tracing::info!("the TPM holds no EK certificate: enrolling without attestation");
+        return Ok(None);
+    };
+    let challenge = match devid_enroll::attest_start(&args.server, token, pin, &identity) {
+        Ok(c) => c,
+        Err(devid_enroll::EnrollError::Server { code, .. }) if code == "attestation_off" => {
+            tracing::info!("the server does not attest keys: enrolling without attestation");
+            return Ok(None);
+        }
+        Err(devid_enroll::EnrollError::Server { code, message, .. }) if code == "ek_untrusted" => {
+            // Unattested enrolment is what the server allows without attestation anyway;
+            // where the token or the server requires it, the enrolment itself is refused.
+            eprintln!(
+                "warning: the server does not trust this TPM's EK certificate ({message}); \
+                 enrolling without attestation"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("attestation with {} failed", args.server))
+        }
+    };
+    let evidence = devid_enroll::answer_challenge(attestor, &identity.ek_alg, &challenge, csr)
+        .context("the TPM could not answer the server's attestation challenge")?;
+    Ok(Some(evidence))
 }
 
 /// The token, in a buffer wiped when dropped (the raw input too).

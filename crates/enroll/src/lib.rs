@@ -16,8 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devid_keystore::Keystore;
+use devid_keystore::{AttestIdentity, KeyAttestation};
 use devid_proto::{
-    EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, ENROLL_PATH, RENEW_PATH,
+    attest_binding, AttestChallenge, AttestStartRequest, AttestationEvidence, EnrollRequest,
+    EnrollResponse, ErrorBody, RenewRequest, ATTEST_START_PATH, ENROLL_PATH,
+    RENEW_ATTEST_START_PATH, RENEW_PATH,
 };
 use devid_tls::parse_pin;
 pub use devid_tls::KeystoreSigningKey;
@@ -91,6 +94,9 @@ pub enum EnrollError {
     /// The client certificate does not belong to the keystore's key.
     #[error("the device certificate does not belong to the keystore's key; re-enrol")]
     CertKeyMismatch,
+    /// The TPM could not do its part of the attestation.
+    #[error("key attestation in the TPM failed: {0}")]
+    Attestation(String),
 }
 
 /// A signing callback: ECDSA P-256 over SHA-256 of the input, DER-encoded signature.
@@ -203,6 +209,33 @@ fn client(
 
 impl Client {
     fn post(&self, path: &str, body: &[u8]) -> Result<EnrollResponse, EnrollError> {
+        let resp = self.send(path, body)?;
+        let out: EnrollResponse = resp
+            .into_json()
+            .map_err(|e| EnrollError::InvalidResponse(e.to_string()))?;
+        if !out.ca_pin.eq_ignore_ascii_case(&self.pin_hex) {
+            return Err(EnrollError::InvalidResponse(
+                "the server names another CA pin than the one this device trusts".into(),
+            ));
+        }
+        let certs = CertificateDer::pem_slice_iter(out.certificate_chain.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EnrollError::InvalidResponse(format!("certificate_chain: {e}")))?;
+        if certs.is_empty() {
+            return Err(EnrollError::InvalidResponse(
+                "certificate_chain holds no certificate".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn challenge(&self, path: &str, body: &[u8]) -> Result<AttestChallenge, EnrollError> {
+        self.send(path, body)?
+            .into_json()
+            .map_err(|e| EnrollError::InvalidResponse(e.to_string()))
+    }
+
+    fn send(&self, path: &str, body: &[u8]) -> Result<ureq::Response, EnrollError> {
         let result = self
             .agent
             .post(&format!("{}{path}", self.base))
@@ -235,23 +268,7 @@ impl Client {
                 });
             }
         };
-        let out: EnrollResponse = resp
-            .into_json()
-            .map_err(|e| EnrollError::InvalidResponse(e.to_string()))?;
-        if !out.ca_pin.eq_ignore_ascii_case(&self.pin_hex) {
-            return Err(EnrollError::InvalidResponse(
-                "the server names another CA pin than the one this device trusts".into(),
-            ));
-        }
-        let certs = CertificateDer::pem_slice_iter(out.certificate_chain.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EnrollError::InvalidResponse(format!("certificate_chain: {e}")))?;
-        if certs.is_empty() {
-            return Err(EnrollError::InvalidResponse(
-                "certificate_chain holds no certificate".into(),
-            ));
-        }
-        Ok(out)
+        Ok(resp)
     }
 }
 
@@ -264,11 +281,25 @@ pub fn enroll(
     csr_pem: &str,
     device_id: Option<&str>,
 ) -> Result<EnrollResponse, EnrollError> {
+    enroll_with(server_url, token, ca_pin_hex, csr_pem, device_id, None)
+}
+
+/// [`enroll`] with the answer to an attestation challenge ([`attest_start`],
+/// [`answer_challenge`]).
+pub fn enroll_with(
+    server_url: &str,
+    token: &str,
+    ca_pin_hex: &str,
+    csr_pem: &str,
+    device_id: Option<&str>,
+    attestation: Option<AttestationEvidence>,
+) -> Result<EnrollResponse, EnrollError> {
     let c = client(server_url, ca_pin_hex, None)?;
     let mut req = EnrollRequest {
         token: token.to_owned(),
         csr: csr_pem.to_owned(),
         device_id: device_id.map(str::to_owned),
+        attestation,
     };
     // the body holds the token: both are wiped once sent
     let body = zeroize::Zeroizing::new(
@@ -287,6 +318,22 @@ pub fn renew(
     keystore: Arc<dyn Keystore>,
     csr_pem: &str,
 ) -> Result<EnrollResponse, EnrollError> {
+    renew_with(
+        server_url,
+        ca_pin_hex,
+        cert_chain_pem,
+        keystore,
+        csr_pem,
+        None,
+    )
+}
+
+fn mtls_client(
+    server_url: &str,
+    ca_pin_hex: &str,
+    cert_chain_pem: &str,
+    keystore: Arc<dyn Keystore>,
+) -> Result<Client, EnrollError> {
     let resolver = devid_tls::client_cert(cert_chain_pem, KeystoreSigningKey::new(keystore))
         .map_err(|e| match e {
             devid_tls::TlsError::Certificate(d) if d.contains("not this device's key") => {
@@ -294,12 +341,112 @@ pub fn renew(
             }
             e => EnrollError::Tls(e.to_string()),
         })?;
-    let c = client(server_url, ca_pin_hex, Some(resolver))?;
+    client(server_url, ca_pin_hex, Some(resolver))
+}
+
+/// [`renew`] with the answer to an attestation challenge ([`renew_attest_start`]).
+pub fn renew_with(
+    server_url: &str,
+    ca_pin_hex: &str,
+    cert_chain_pem: &str,
+    keystore: Arc<dyn Keystore>,
+    csr_pem: &str,
+    attestation: Option<AttestationEvidence>,
+) -> Result<EnrollResponse, EnrollError> {
+    let c = mtls_client(server_url, ca_pin_hex, cert_chain_pem, keystore)?;
     let body = serde_json::to_vec(&RenewRequest {
         csr: csr_pem.to_owned(),
+        attestation,
     })
     .map_err(|e| EnrollError::Csr(e.to_string()))?;
     c.post(RENEW_PATH, &body)
+}
+
+fn start_request(identity: &AttestIdentity, token: Option<&str>) -> AttestStartRequest {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    AttestStartRequest {
+        token: token.map(str::to_owned),
+        ek_alg: identity.ek_alg.clone(),
+        ek_cert: b64(&identity.ek_cert),
+        ek_chain: identity.ek_chain.iter().map(|c| b64(c)).collect(),
+        ak_public: b64(&identity.ak_public),
+    }
+}
+
+/// First step of an attested enrolment: show the EK certificate and the AK with the token
+/// (checked, not consumed). The server answers with a credential challenge, or refuses with
+/// `attestation_off` when it does not attest.
+pub fn attest_start(
+    server_url: &str,
+    token: &str,
+    ca_pin_hex: &str,
+    identity: &AttestIdentity,
+) -> Result<AttestChallenge, EnrollError> {
+    let c = client(server_url, ca_pin_hex, None)?;
+    let mut req = start_request(identity, Some(token));
+    let body = zeroize::Zeroizing::new(
+        serde_json::to_vec(&req).map_err(|e| EnrollError::Csr(e.to_string()))?,
+    );
+    if let Some(t) = req.token.as_mut() {
+        zeroize::Zeroize::zeroize(t);
+    }
+    c.challenge(ATTEST_START_PATH, &body)
+}
+
+/// First step of an attested renewal, over mutual TLS with the current certificate.
+pub fn renew_attest_start(
+    server_url: &str,
+    ca_pin_hex: &str,
+    cert_chain_pem: &str,
+    keystore: Arc<dyn Keystore>,
+    identity: &AttestIdentity,
+) -> Result<AttestChallenge, EnrollError> {
+    let c = mtls_client(server_url, ca_pin_hex, cert_chain_pem, keystore)?;
+    let body = serde_json::to_vec(&start_request(identity, None))
+        .map_err(|e| EnrollError::Csr(e.to_string()))?;
+    c.challenge(RENEW_ATTEST_START_PATH, &body)
+}
+
+/// Second step, in the TPM: activate the credential (only the TPM with that EK and AK can),
+/// then certify the device key with the AK over qualifying data that binds the challenge,
+/// the secret and `csr_pem`.
+pub fn answer_challenge(
+    attestor: &dyn KeyAttestation,
+    ek_alg: &str,
+    challenge: &AttestChallenge,
+    csr_pem: &str,
+) -> Result<AttestationEvidence, EnrollError> {
+    use base64::Engine as _;
+    use rustls::pki_types::CertificateSigningRequestDer;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bad = |what: &str, e: base64::DecodeError| {
+        EnrollError::InvalidResponse(format!("challenge {what}: {e}"))
+    };
+    let blob = b64
+        .decode(&challenge.credential_blob)
+        .map_err(|e| bad("credential_blob", e))?;
+    let enc = b64
+        .decode(&challenge.encrypted_secret)
+        .map_err(|e| bad("encrypted_secret", e))?;
+    let csr = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| EnrollError::Csr(e.to_string()))?;
+    let secret = attestor
+        .activate_credential(ek_alg, &blob, &enc)
+        .map_err(|e| EnrollError::Attestation(e.to_string()))?;
+    let q = attest_binding::qualifying_data(&challenge.challenge_id, secret.expose(), csr.as_ref());
+    let proof = attest_binding::activation_proof(secret.expose(), &challenge.challenge_id);
+    drop(secret);
+    let cert = attestor
+        .certify_key(&q)
+        .map_err(|e| EnrollError::Attestation(e.to_string()))?;
+    Ok(AttestationEvidence {
+        challenge_id: challenge.challenge_id.clone(),
+        activation_proof: hex::encode(proof),
+        key_public: b64.encode(&cert.key_public),
+        certify_info: b64.encode(&cert.certify_info),
+        certify_signature: b64.encode(&cert.signature),
+    })
 }
 
 #[cfg(test)]

@@ -122,6 +122,8 @@ impl Node {
                     device_id: Some(device.clone()),
                     policy: "default".into(),
                     expires_at_ms: now_ms() + 60_000,
+                    attestation_required: false,
+                    ek_fingerprint: None,
                 },
                 &ctx(),
             )
@@ -133,6 +135,7 @@ impl Node {
             token_hash: &hash,
             requested_id: Some(&device),
             key_fingerprint: &fp,
+            attestation: None,
             ctx: &c,
         };
         let ca = self.ca.clone();

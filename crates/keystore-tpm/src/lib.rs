@@ -44,6 +44,7 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 
+pub mod attest;
 pub mod keyfile;
 
 use keyfile::{make_tpm2b, take_tpm2b, TpmKeyFile, PARENT_OWNER};
@@ -843,6 +844,10 @@ impl Keystore for TpmKeystore {
 
     fn key_ref(&self) -> String {
         format!("tpm:{}", self.key_path.display())
+    }
+
+    fn attestation(&self) -> Option<&dyn devid_keystore::KeyAttestation> {
+        Some(self)
     }
 
     fn public_key(&self) -> PublicKey {

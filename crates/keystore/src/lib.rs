@@ -198,6 +198,60 @@ pub trait Keystore: Send + Sync + fmt::Debug {
 
     /// Recover a secret sealed by [`Keystore::seal`] on this same keystore.
     fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError>;
+
+    /// Key attestation, where the backend can prove where its key lives (a TPM with an
+    /// endorsement key). `None` for backends that cannot (PKCS#11, soft).
+    fn attestation(&self) -> Option<&dyn KeyAttestation> {
+        None
+    }
+}
+
+/// What a TPM shows the server to start key attestation: its endorsement key certificate and
+/// an attestation key (AK) made inside it. Raw TPM structures, as the TPM marshals them.
+#[derive(Debug, Clone)]
+pub struct AttestIdentity {
+    /// Which endorsement key: `rsa2048`, `ecc-p256`, `ecc-p384` or `rsa3072`.
+    pub ek_alg: String,
+    /// The EK certificate as stored in the TPM's NV (DER, possibly padded).
+    pub ek_cert: Vec<u8>,
+    /// Intermediate certificates the TPM stores (DER); often none.
+    pub ek_chain: Vec<Vec<u8>>,
+    /// The AK's public area (TPMT_PUBLIC).
+    pub ak_public: Vec<u8>,
+}
+
+/// The AK's TPM2_Certify of the device key.
+#[derive(Debug, Clone)]
+pub struct KeyCertification {
+    /// The device key's public area (TPMT_PUBLIC).
+    pub key_public: Vec<u8>,
+    /// The signed TPMS_ATTEST.
+    pub certify_info: Vec<u8>,
+    /// TPMT_SIGNATURE over it by the AK.
+    pub signature: Vec<u8>,
+}
+
+/// The three device-side steps of key attestation (ARCHITECTURE.md, "attestation").
+pub trait KeyAttestation: Send + Sync {
+    /// The EK certificate and the AK (made on first use and kept in the state dir).
+    /// `ek_alg`: which EK to use; `None` picks the first one with a certificate. `Ok(None)`
+    /// when the TPM holds no EK certificate (it cannot be attested).
+    fn attestation_identity(
+        &self,
+        ek_alg: Option<&str>,
+    ) -> Result<Option<AttestIdentity>, KeystoreError>;
+
+    /// TPM2_ActivateCredential: recover the server's secret, which the TPM releases only if it
+    /// holds the EK the credential was made for *and* the AK it names.
+    fn activate_credential(
+        &self,
+        ek_alg: &str,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<SecretBytes, KeystoreError>;
+
+    /// TPM2_Certify of the device key by the AK over `qualifying_data` (at most 64 bytes).
+    fn certify_key(&self, qualifying_data: &[u8]) -> Result<KeyCertification, KeystoreError>;
 }
 
 /// Build a [`Signature`] from big-endian `r` and `s` as TPMs and PKCS#11 tokens return them

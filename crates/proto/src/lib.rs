@@ -23,6 +23,12 @@ pub const ENROLL_PATH: &str = "/v1/enroll";
 /// Path of the renewal endpoint (mutual TLS).
 pub const RENEW_PATH: &str = "/v1/renew";
 
+/// Path of the first step of an attested enrolment (token in the body, not consumed).
+pub const ATTEST_START_PATH: &str = "/v1/attest/start";
+
+/// Path of the first step of an attested renewal (mutual TLS with the device certificate).
+pub const RENEW_ATTEST_START_PATH: &str = "/v1/renew/attest/start";
+
 /// A device id: lowercase `[a-z0-9-]{1,64}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -123,6 +129,9 @@ pub struct EnrollRequest {
     /// with 403 when it differs from that id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    /// The answer to an attestation challenge (`POST /v1/attest/start`), when attesting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationEvidence>,
 }
 
 impl fmt::Debug for EnrollRequest {
@@ -131,8 +140,150 @@ impl fmt::Debug for EnrollRequest {
             .field("token", &"<redacted>")
             .field("csr_len", &self.csr.len())
             .field("device_id", &self.device_id)
+            .field("attested", &self.attestation.is_some())
             .finish()
     }
+}
+
+/// The two values that tie an attestation to its challenge, computed the same way by the
+/// device and the server.
+pub mod attest_binding {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+
+    fn len16(n: usize) -> [u8; 2] {
+        u16::try_from(n).unwrap_or(u16::MAX).to_be_bytes()
+    }
+
+    /// The TPM2_Certify qualifying data: SHA-256("devid-attest-v1" || len || challenge_id ||
+    /// len || secret || SHA-256(CSR DER)). Only the TPM that activated the credential knows
+    /// `secret`, and the CSR named here is the one the certificate will be issued for.
+    pub fn qualifying_data(challenge_id: &str, secret: &[u8], csr_der: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"devid-attest-v1");
+        h.update(len16(challenge_id.len()));
+        h.update(challenge_id.as_bytes());
+        h.update(len16(secret.len()));
+        h.update(secret);
+        h.update(Sha256::digest(csr_der));
+        h.finalize().into()
+    }
+
+    /// HMAC-SHA256(secret, "devid-activate" || challenge_id): shows the credential was
+    /// activated, without sending the secret.
+    pub fn activation_proof(secret: &[u8], challenge_id: &str) -> [u8; 32] {
+        mac(secret, challenge_id).finalize().into_bytes().into()
+    }
+
+    fn mac(secret: &[u8], challenge_id: &str) -> Hmac<Sha256> {
+        // HMAC takes keys of any length: this cannot fail.
+        let mut m = <Hmac<Sha256> as hmac::digest::KeyInit>::new_from_slice(secret)
+            .expect("HMAC accepts any key length");
+        m.update(b"devid-activate");
+        m.update(challenge_id.as_bytes());
+        m
+    }
+
+    /// Constant-time check of a received proof (hex) against the expected one.
+    pub fn proof_matches(secret: &[u8], challenge_id: &str, proof_hex: &str) -> bool {
+        let Some(got) = decode_hex(proof_hex) else {
+            return false;
+        };
+        mac(secret, challenge_id).verify_slice(&got).is_ok()
+    }
+
+    fn decode_hex(s: &str) -> Option<Vec<u8>> {
+        if s.len() != 64 {
+            return None;
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn proof_checks_secret_and_challenge() {
+            let p = activation_proof(b"s3cret", "c1");
+            let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(proof_matches(b"s3cret", "c1", &hex));
+            assert!(!proof_matches(b"s3cres", "c1", &hex));
+            assert!(!proof_matches(b"s3cret", "c2", &hex));
+            assert!(!proof_matches(b"s3cret", "c1", &hex[..62]));
+            assert_ne!(
+                qualifying_data("c1", b"s", b"csr"),
+                qualifying_data("c1", b"s", b"csR")
+            );
+            assert_ne!(
+                qualifying_data("c1", b"s", b"csr"),
+                qualifying_data("c", b"1s", b"csr")
+            );
+        }
+    }
+}
+
+/// `POST /v1/attest/start` and `POST /v1/renew/attest/start` request body: the TPM's
+/// endorsement key certificate and its attestation key. Binary fields are standard base64 of
+/// the raw TPM structures.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestStartRequest {
+    /// The one-time enrolment token (checked, not consumed); absent at renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Which endorsement key: `rsa2048`, `ecc-p256`, `ecc-p384`, `rsa3072`.
+    pub ek_alg: String,
+    /// The EK certificate as read from the TPM's NV (DER, possibly padded), base64.
+    pub ek_cert: String,
+    /// Intermediate certificates (DER, base64), untrusted: only the configured roots are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ek_chain: Vec<String>,
+    /// The AK's public area (TPMT_PUBLIC), base64.
+    pub ak_public: String,
+}
+
+impl fmt::Debug for AttestStartRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttestStartRequest")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ek_alg", &self.ek_alg)
+            .field("ek_cert_len", &self.ek_cert.len())
+            .field("ek_chain", &self.ek_chain.len())
+            .finish()
+    }
+}
+
+/// The server's credential challenge: MakeCredential to the EK, bound to the AK's Name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestChallenge {
+    /// Names the challenge in the second step (single use).
+    pub challenge_id: String,
+    /// TPM2B_ID_OBJECT contents, base64.
+    pub credential_blob: String,
+    /// TPM2B_ENCRYPTED_SECRET contents, base64.
+    pub encrypted_secret: String,
+    /// Seconds until the challenge expires.
+    pub expires_in_secs: u64,
+}
+
+/// The device's answer to a challenge, sent with the CSR (`POST /v1/enroll` or `/v1/renew`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationEvidence {
+    /// The challenge answered.
+    pub challenge_id: String,
+    /// Hex HMAC-SHA256(secret, "devid-activate" || challenge_id): the activation worked.
+    pub activation_proof: String,
+    /// The device key's public area (TPMT_PUBLIC), base64.
+    pub key_public: String,
+    /// TPM2_Certify's TPMS_ATTEST, base64.
+    pub certify_info: String,
+    /// Its TPMT_SIGNATURE by the AK, base64.
+    pub certify_signature: String,
 }
 
 /// `POST /v1/enroll` and `POST /v1/renew` response body.
@@ -146,6 +297,13 @@ pub struct EnrollResponse {
     pub mqtt_url: String,
     /// Hex SHA-256 of the fleet CA certificate's DER.
     pub ca_pin: String,
+    /// What the server verified about the key: `ek-cert`, `ek-allowlist` or `none`.
+    #[serde(default = "assurance_none")]
+    pub assurance: String,
+}
+
+fn assurance_none() -> String {
+    "none".to_owned()
 }
 
 /// `POST /v1/renew` request body.
@@ -154,6 +312,10 @@ pub struct EnrollResponse {
 pub struct RenewRequest {
     /// PKCS#10 certificate signing request, PEM, for the same key or a new one (rotation).
     pub csr: String,
+    /// The answer to `POST /v1/renew/attest/start`, when attesting (key rotation of an
+    /// attested device, or an unattested TPM device becoming attested).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationEvidence>,
 }
 
 /// Every error response of the HTTP API: `{"error": "...", "code": "..."}`.
@@ -227,6 +389,19 @@ pub struct DeviceInfo {
     pub enrolled_at: String,
     /// When the device was last seen (enrolment, renewal, connection).
     pub last_seen: String,
+    /// What the server verified about the key: `ek-cert` (TPM attested, EK certificate
+    /// chains to a configured root), `ek-allowlist` (the token named this EK) or `none`.
+    #[serde(default = "assurance_none")]
+    pub assurance: String,
+    /// Hex SHA-256 of the EK's SubjectPublicKeyInfo, for attested devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_fingerprint: Option<String>,
+    /// TPM manufacturer from the EK certificate (e.g. `id:00001014`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_manufacturer: Option<String>,
+    /// TPM model from the EK certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_model: Option<String>,
 }
 
 /// `POST /v1/admin/tokens` request body.
@@ -242,6 +417,13 @@ pub struct TokenCreateRequest {
     /// Policy name given to the device that uses the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// `required`: the device must attest its key (stricter than the server's mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
+    /// Hex SHA-256 of the EK public key (SPKI) the device must attest with: assurance
+    /// `ek-allowlist` when its certificate chains to no configured root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_fingerprint: Option<String>,
 }
 
 /// `POST /v1/admin/tokens` response body. The only place a token's plaintext ever appears.

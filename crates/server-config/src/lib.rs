@@ -109,6 +109,9 @@ pub struct ServerConfig {
     /// Renewal policy (`renewal.*` keys).
     #[serde(default)]
     pub renewal: RenewalSettings,
+    /// TPM key attestation (`attestation.*` keys).
+    #[serde(default)]
+    pub attestation: AttestationSettings,
     /// HTTPS API limits and timeouts (`https.*` keys; every one has a default).
     #[serde(default)]
     pub https: https::HttpsSettings,
@@ -150,6 +153,43 @@ pub struct RenewalSettings {
     /// Whether a renewal may move a device onto another key than the one its certificate
     /// certifies.
     pub key_change: KeyChange,
+}
+
+/// The `attestation.*` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttestationSettings {
+    /// `required`, `optional` (attest when the device can; the default) or `off`.
+    pub mode: AttestationMode,
+    /// A directory of PEM files: the TPM manufacturers' root (and intermediate) CA
+    /// certificates an EK certificate must chain to (relative to data_dir). Unset: no EK
+    /// certificate is trusted, only EKs a token names (`token create --ek-fingerprint`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ek_roots: Option<PathBuf>,
+}
+
+/// `attestation.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttestationMode {
+    /// Every enrolment must attest its key in a TPM.
+    Required,
+    /// Devices that can attest do; the registry records the assurance of each.
+    #[default]
+    Optional,
+    /// No attestation challenge is offered.
+    Off,
+}
+
+impl AttestationMode {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttestationMode::Required => "required",
+            AttestationMode::Optional => "optional",
+            AttestationMode::Off => "off",
+        }
+    }
 }
 
 /// `renewal.key_change`: may a renewal CSR carry a new key?
@@ -243,6 +283,7 @@ impl ServerConfig {
             mqtt_advertised_url: None,
             proxy_protocol: ProxySettings::default(),
             renewal: RenewalSettings::default(),
+            attestation: AttestationSettings::default(),
             https: Default::default(),
             mqtt: Default::default(),
             storage: Default::default(),
@@ -410,6 +451,15 @@ impl ServerConfig {
             .map(|p| self.data_dir.join(p))
     }
 
+    /// The EK trust-bundle directory (`attestation.ek_roots`), relative paths joined to
+    /// data_dir.
+    pub fn ek_roots_dir(&self) -> Option<PathBuf> {
+        self.attestation
+            .ek_roots
+            .as_ref()
+            .map(|p| self.data_dir.join(p))
+    }
+
     /// The URL devices get for MQTT.
     pub fn mqtt_url(&self) -> String {
         match &self.mqtt_advertised_url {
@@ -521,6 +571,13 @@ impl ServerConfig {
              # the new one is first used, its immediate predecessor).\n\
              renewal.key_change = {key_change}\n\
              \n\
+             # TPM key attestation at enrolment and renewal: \"required\", \"optional\" (devices\n\
+             # that can attest do; the registry records each device's assurance) or \"off\".\n\
+             attestation.mode = {att_mode}\n\
+             # Directory of PEM files with the TPM manufacturers' EK root CAs (relative to\n\
+             # data_dir); without it only EKs named by a token (--ek-fingerprint) are trusted.\n\
+             {ek_roots}\n\
+             \n\
              # Behind a load balancer in TCP mode: the address ranges whose connections carry a\n\
              # PROXY protocol v2 header (HAProxy: send-proxy-v2), so limits and the audit see\n\
              # devices' addresses; and the MQTT URL enrolment hands devices.\n\
@@ -544,6 +601,11 @@ impl ServerConfig {
             timeout = self.request_timeout_secs,
             conns = self.max_connections,
             key_change = q(self.renewal.key_change.as_str()),
+            att_mode = q(self.attestation.mode.as_str()),
+            ek_roots = match &self.attestation.ek_roots {
+                Some(p) => format!("attestation.ek_roots = {}", q(&p.display().to_string())),
+                None => "# attestation.ek_roots = \"/etc/devid-server/tpm-roots\"".into(),
+            },
             trusted = toml::Value::Array(
                 self.proxy_protocol
                     .trusted

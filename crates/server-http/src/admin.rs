@@ -65,6 +65,42 @@ pub(crate) async fn create_token(
             ),
         ));
     }
+    let attestation_required = match req.attestation.as_deref() {
+        None | Some("optional") => false,
+        Some("required") => true,
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_attestation",
+                "attestation is \"required\" or absent",
+            ))
+        }
+    };
+    // a token can only be stricter than the server
+    if (attestation_required || req.ek_fingerprint.is_some())
+        && state.attest.mode == devid_server_config::AttestationMode::Off
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "attestation_off",
+            "this server does not attest keys (attestation.mode = \"off\"): a token cannot \
+             require attestation or name an EK",
+        ));
+    }
+    let ek_fingerprint = match req.ek_fingerprint {
+        Some(fp) if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(fp.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_ek_fingerprint",
+                "ek_fingerprint is the hex SHA-256 of the EK's SubjectPublicKeyInfo (64 hex \
+                 characters)",
+            ))
+        }
+        None => None,
+    };
     let secret = token::generate();
     let expires_at_ms = admin
         .ctx
@@ -75,6 +111,9 @@ pub(crate) async fn create_token(
         device_id: device_id.clone(),
         policy: policy.clone(),
         expires_at_ms,
+        // an EK named by the token must be attested
+        attestation_required: attestation_required || ek_fingerprint.is_some(),
+        ek_fingerprint,
     };
     let store = state.registry.clone();
     let ctx = admin.ctx;
@@ -96,8 +135,17 @@ pub(crate) async fn list_devices(
     State(state): State<HttpState>,
 ) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
     let store = state.registry.clone();
-    let devices = blocking(move || store.devices()).await??;
-    Ok(Json(devices.iter().map(device_info).collect()))
+    let (devices, attested) = blocking(move || {
+        Ok::<_, devid_store::StoreError>((store.devices()?, store.attestations()?))
+    })
+    .await??;
+    let attested: std::collections::HashMap<_, _> = attested.into_iter().collect();
+    Ok(Json(
+        devices
+            .iter()
+            .map(|d| device_info(d, attested.get(d.id.as_str())))
+            .collect(),
+    ))
 }
 
 pub(crate) async fn show_device(
@@ -107,9 +155,47 @@ pub(crate) async fn show_device(
 ) -> Result<Json<DeviceInfo>, ApiError> {
     let id = parse_device_id(&id)?;
     let store = state.registry.clone();
-    match blocking(move || store.device(&id)).await?? {
-        Some(d) => Ok(Json(device_info(&d))),
+    let found = blocking(move || {
+        Ok::<_, devid_store::StoreError>(match store.device(&id)? {
+            Some(d) => {
+                let a = store.attestation(&id)?;
+                Some((d, a))
+            }
+            None => None,
+        })
+    })
+    .await??;
+    match found {
+        Some((d, a)) => Ok(Json(device_info(&d, a.as_ref()))),
         None => Err(refusal_error(Refusal::DeviceUnknown)),
+    }
+}
+
+/// `POST /v1/admin/devices/{id}/reset-attestation`: forget the device's registered TPM (after
+/// a TPM swap) so it may attest with another EK.
+pub(crate) async fn reset_attestation(
+    admin: Admin,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    admin.may_change(&state, "device.reset_attestation").await?;
+    let id = parse_device_id(&id)?;
+    let store = state.registry.clone();
+    let ctx = admin.ctx;
+    let out = blocking(move || {
+        Ok::<_, devid_store::StoreError>(match store.reset_attestation(&id, &ctx)? {
+            Ok(()) => Ok(store.device(&id)?),
+            Err(r) => Err(r),
+        })
+    })
+    .await??;
+    match out {
+        Ok(Some(d)) => {
+            tracing::info!(device_id = %d.id, "device attestation reset");
+            Ok(Json(device_info(&d, None)))
+        }
+        Ok(None) => Err(refusal_error(Refusal::DeviceUnknown)),
+        Err(r) => Err(refusal_error(r)),
     }
 }
 
@@ -130,7 +216,10 @@ pub(crate) async fn change_state(
             tracing::info!(device_id = %d.id, state = %d.state, "device state changed");
             // committed: cut the device's live MQTT session now if it is no longer active
             state.live.state_changed(&d.id, d.state);
-            Ok(Json(device_info(&d)))
+            let store = state.registry.clone();
+            let id = d.id.clone();
+            let a = blocking(move || store.attestation(&id)).await??;
+            Ok(Json(device_info(&d, a.as_ref())))
         }
         Err(Refusal::DeviceRevoked) => Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -9,9 +9,13 @@ use axum::{Extension, Json};
 use devid_proto::{DeviceId, EnrollRequest, EnrollResponse, RenewRequest};
 
 use devid_ca::IssuedCert;
+use devid_server_config::AttestationMode;
 use devid_server_config::KeyChange;
 use devid_stdx::now_ms;
-use devid_store::{token, AuditCtx, EnrollAttempt, KeyChangePolicy, PresentedCert, RenewAttempt};
+use devid_store::{
+    token, Attestation, AuditCtx, ChallengeFor, EnrollAttempt, KeyChangePolicy, PresentedCert,
+    RenewAttempt,
+};
 
 use crate::error::{refusal_error, ApiError};
 use crate::request::{
@@ -19,12 +23,20 @@ use crate::request::{
 };
 use crate::state::{HttpState, PeerInfo};
 
-pub(crate) fn response(state: &HttpState, id: &DeviceId, cert: &IssuedCert) -> EnrollResponse {
+pub(crate) fn response(
+    state: &HttpState,
+    id: &DeviceId,
+    cert: &IssuedCert,
+    attestation: Option<&Attestation>,
+) -> EnrollResponse {
     EnrollResponse {
         device_id: id.to_string(),
         certificate_chain: format!("{}{}", cert.cert_pem, state.ca.cert_pem()),
         mqtt_url: state.config.mqtt_url(),
         ca_pin: state.ca.pin(),
+        assurance: attestation
+            .map(|a| a.assurance.clone())
+            .unwrap_or_else(|| "none".into()),
     }
 }
 
@@ -47,9 +59,12 @@ pub(crate) async fn enroll(
         let req: EnrollRequest = parse_body(body)?;
         let requested = req.device_id.as_deref().map(parse_device_id).transpose()?;
         let csr = check_csr(&req.csr)?;
-        Ok::<_, ApiError>((req.token, requested, csr))
+        if req.attestation.is_none() && state.attest.mode == AttestationMode::Required {
+            return Err(crate::attest::required_error());
+        }
+        Ok::<_, ApiError>((req.token, requested, csr, req.attestation))
     })();
-    let (token_text, requested, csr) = match checked {
+    let (token_text, requested, csr, evidence) = match checked {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(source = %ctx.source, code = e.code, "enrolment refused");
@@ -65,13 +80,29 @@ pub(crate) async fn enroll(
         "-".to_owned()
     };
     drop(token_text);
+    let attestation = match &evidence {
+        Some(ev) if state.attest.mode != AttestationMode::Off => {
+            let bound = ChallengeFor::Token(token_hash.clone());
+            match crate::attest::check_evidence(&state, ev, &bound, &csr, ctx.now_ms).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::info!(source = %ctx.source, code = e.code, "enrolment attestation refused");
+                    audit_refusal(&state, ctx, "enroll", None, e.code).await?;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     let st = state.clone();
+    let att = attestation.clone();
     let outcome = blocking(move || {
         let lifetime = st.config.device_cert_lifetime();
         let attempt = EnrollAttempt {
             token_hash: &token_hash,
             requested_id: requested.as_ref(),
             key_fingerprint: &csr.key_fingerprint,
+            attestation: att.as_ref(),
             ctx: &ctx,
         };
         let mut issue = |id: &DeviceId| {
@@ -87,8 +118,17 @@ pub(crate) async fn enroll(
     .await??;
     match outcome {
         (Ok((record, cert)), _) => {
-            tracing::info!(device_id = %record.id, serial = %cert.serial_hex, "device enrolled");
-            Ok(Json(response(&state, &record.id, &cert)))
+            let assurance = attestation
+                .as_ref()
+                .map(|a| a.assurance.as_str())
+                .unwrap_or("none");
+            tracing::info!(device_id = %record.id, serial = %cert.serial_hex, assurance, "device enrolled");
+            Ok(Json(response(
+                &state,
+                &record.id,
+                &cert,
+                attestation.as_ref(),
+            )))
         }
         (Err(r), source) => {
             tracing::info!(%source, code = r.code(), "enrolment refused");
@@ -157,9 +197,9 @@ pub(crate) async fn renew(
         }
         let req: RenewRequest = parse_body(body)?;
         let csr = check_csr(&req.csr)?;
-        Ok((id, identity, csr))
+        Ok((id, identity, csr, req.attestation))
     })();
-    let (id, identity, csr) = match checked {
+    let (id, identity, csr, evidence) = match checked {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(source = %ctx.source, code = e.code, "renewal refused");
@@ -168,7 +208,22 @@ pub(crate) async fn renew(
             return Err(e);
         }
     };
+    let attestation = match &evidence {
+        Some(ev) if state.attest.mode != AttestationMode::Off => {
+            let bound = ChallengeFor::Device(id.clone());
+            match crate::attest::check_evidence(&state, ev, &bound, &csr, ctx.now_ms).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::info!(source = %ctx.source, code = e.code, "renewal attestation refused");
+                    audit_refusal(&state, ctx, "renew", Some(id.to_string()), e.code).await?;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     let st = state.clone();
+    let att = attestation.clone();
     let outcome = blocking(move || {
         let lifetime = st.config.device_cert_lifetime();
         let mut issue = |d: &DeviceId| {
@@ -189,6 +244,7 @@ pub(crate) async fn renew(
                 KeyChange::Attested => KeyChangePolicy::Attested,
                 KeyChange::Refused => KeyChangePolicy::Refused,
             },
+            attestation: att.as_ref(),
             ctx: &ctx,
         };
         st.registry.renew(&attempt, &mut issue)
@@ -196,8 +252,20 @@ pub(crate) async fn renew(
     .await??;
     match outcome {
         Ok((record, cert)) => {
-            tracing::info!(device_id = %record.id, serial = %cert.serial_hex, "certificate renewed");
-            Ok(Json(response(&state, &record.id, &cert)))
+            tracing::info!(device_id = %record.id, serial = %cert.serial_hex, attested = attestation.is_some(), "certificate renewed");
+            // the registered attestation, also when this renewal brought none
+            let store = state.registry.clone();
+            let rid = record.id.clone();
+            let registered = match attestation {
+                Some(a) => Some(a),
+                None => blocking(move || store.attestation(&rid)).await??,
+            };
+            Ok(Json(response(
+                &state,
+                &record.id,
+                &cert,
+                registered.as_ref(),
+            )))
         }
         Err(r) => {
             tracing::info!(code = r.code(), "renewal refused");

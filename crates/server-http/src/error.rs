@@ -90,6 +90,12 @@ pub(crate) fn refusal_error(r: Refusal) -> ApiError {
         Refusal::CredentialExists | Refusal::LastAdminCredential => StatusCode::CONFLICT,
         Refusal::CredentialUnknown => StatusCode::NOT_FOUND,
         Refusal::DeviceUnknown => StatusCode::NOT_FOUND,
+        Refusal::AttestationRequired
+        | Refusal::AttestationDowngrade
+        | Refusal::EkChanged
+        | Refusal::EkRegisteredElsewhere
+        | Refusal::AkChanged
+        | Refusal::EkNotAllowed => StatusCode::FORBIDDEN,
     };
     ApiError::new(status, r.code(), r.message())
 }

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod attest;
 mod auth;
 mod enroll;
 mod error;
@@ -24,6 +25,7 @@ mod request;
 mod router;
 mod state;
 
+pub use attest::AttestPolicy;
 pub use auth::Admin;
 pub use error::ApiError;
 pub use limits::{HttpLimits, HttpMetrics};

@@ -32,7 +32,15 @@ pub enum Surface {
 impl Surface {
     /// Whether a route belongs on this surface.
     fn serves(self, path: &str) -> bool {
-        let public = matches!(path, "/v1/health" | "/readyz" | "/v1/enroll" | "/v1/renew");
+        let public = matches!(
+            path,
+            "/v1/health"
+                | "/readyz"
+                | "/v1/enroll"
+                | "/v1/renew"
+                | "/v1/attest/start"
+                | "/v1/renew/attest/start"
+        );
         let both = matches!(path, "/v1/health" | "/readyz");
         match self {
             Surface::All => true,
@@ -100,7 +108,13 @@ pub(crate) fn build(surface: Surface) -> (Router<HttpState>, Vec<(&'static str, 
     }
     .add("GET", "/v1/health", get(health))
     .add("GET", "/readyz", get(readyz))
+    .add("POST", "/v1/attest/start", post(crate::attest::start))
     .add("POST", "/v1/enroll", post(enroll))
+    .add(
+        "POST",
+        "/v1/renew/attest/start",
+        post(crate::attest::renew_start),
+    )
     .add("POST", "/v1/renew", post(renew))
     .add("POST", "/v1/admin/tokens", post(create_token))
     .add("GET", "/v1/admin/devices", get(list_devices))
@@ -112,6 +126,11 @@ pub(crate) fn build(surface: Surface) -> (Router<HttpState>, Vec<(&'static str, 
     )
     .add("POST", "/v1/admin/devices/{id}/resume", post(resume_device))
     .add("POST", "/v1/admin/devices/{id}/revoke", post(revoke_device))
+    .add(
+        "POST",
+        "/v1/admin/devices/{id}/reset-attestation",
+        post(crate::admin::reset_attestation),
+    )
     .add("GET", "/v1/admin/audit", get(audit_log))
     .add("POST", "/v1/admin/credentials", post(create_credential))
     .add("GET", "/v1/admin/credentials", get(list_credentials))

@@ -10,7 +10,9 @@ use rustls::pki_types::CertificateDer;
 use devid_ca::Ca;
 use devid_server_config::ServerConfig;
 use devid_stdx::rfc3339;
-use devid_store::{DeviceRecord, LiveMessage, MessageStore, Registry, StateChangeSink};
+use devid_store::{
+    Attestation, DeviceRecord, LiveMessage, MessageStore, Registry, StateChangeSink,
+};
 use tokio::sync::broadcast;
 
 /// Encodes the process's metrics as OpenMetrics text (`GET /metrics`); the composition root
@@ -39,6 +41,8 @@ pub struct HttpState {
     pub limits: Arc<crate::limits::HttpLimits>,
     /// The HTTPS API's own counters (appended to `GET /metrics` by the root).
     pub http_metrics: Arc<crate::limits::HttpMetrics>,
+    /// TPM key attestation: mode and EK trust bundle.
+    pub attest: Arc<crate::attest::AttestPolicy>,
     /// What the root knows about readiness besides the database (`GET /readyz`): `Err(check)`
     /// names what is down (e.g. `mqtt_listener`).
     pub readiness: Readiness,
@@ -57,9 +61,15 @@ impl std::fmt::Debug for HttpState {
     }
 }
 
-/// The admin API's view of a registry row.
-pub fn device_info(d: &DeviceRecord) -> DeviceInfo {
+/// The admin API's view of a registry row and its attestation.
+pub fn device_info(d: &DeviceRecord, a: Option<&Attestation>) -> DeviceInfo {
     DeviceInfo {
+        assurance: a
+            .map(|a| a.assurance.clone())
+            .unwrap_or_else(|| "none".into()),
+        ek_fingerprint: a.map(|a| a.ek_fingerprint.clone()),
+        tpm_manufacturer: a.and_then(|a| a.ek_manufacturer.clone()),
+        tpm_model: a.and_then(|a| a.ek_model.clone()),
         id: d.id.to_string(),
         state: d.state,
         cert_serial: d.cert_serial.clone(),

@@ -73,6 +73,7 @@ impl Api {
             metrics: Arc::new(|| "# EOF\n".to_owned()),
             limits: Arc::new(devid_server_http::HttpLimits::new(&https)),
             readiness: Arc::new(|| Ok(())),
+            attest: Default::default(),
             http_metrics: Arc::new(devid_server_http::HttpMetrics::default()),
         };
         Api {
@@ -563,7 +564,9 @@ async fn the_public_listener_serves_no_admin_route() {
         BTreeSet::from([
             ("GET", "/v1/health"),
             ("GET", "/readyz"),
+            ("POST", "/v1/attest/start"),
             ("POST", "/v1/enroll"),
+            ("POST", "/v1/renew/attest/start"),
             ("POST", "/v1/renew")
         ])
     );

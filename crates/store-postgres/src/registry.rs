@@ -35,9 +35,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use devid_stdx::rfc3339;
 use devid_store::{
-    tx, AdminCredential, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn,
-    IssuedCert, NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role,
-    StateChangeSink, StoreError, TokenRow,
+    tx, AdminCredential, Attestation, AuditCtx, AuditLog, Challenge, ChallengeFor, DeviceLookup,
+    DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome, Registry,
+    RegistryTx, RenewAttempt, Role, StateChangeSink, StoreError, TokenRow,
 };
 
 use crate::tls::{only_local, TlsSettingsError, TlsTarget};
@@ -160,7 +160,59 @@ UPDATE admin_credentials c SET name = CASE WHEN n.rn = 1 THEN 'admin' ELSE 'admi
     WHERE c.token_hash = n.token_hash;
 CREATE UNIQUE INDEX IF NOT EXISTS admin_credentials_name ON admin_credentials (name);
 "#,
+    // 5: key attestation: per device the verified attestation (one EK is one device), the
+    // pending challenges between the two steps, per token the attestation demands.
+    r#"
+CREATE TABLE IF NOT EXISTS device_attestation (
+    device_id       TEXT PRIMARY KEY,
+    assurance       TEXT NOT NULL,
+    ek_fingerprint  TEXT NOT NULL UNIQUE,
+    ek_manufacturer TEXT,
+    ek_model        TEXT,
+    ak_public       TEXT NOT NULL,
+    recorded_at     BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attest_challenges (
+    id              TEXT PRIMARY KEY,
+    token_hash      TEXT,
+    device_id       TEXT,
+    assurance       TEXT NOT NULL,
+    ek_fingerprint  TEXT NOT NULL,
+    ek_manufacturer TEXT,
+    ek_model        TEXT,
+    ak_public       TEXT NOT NULL,
+    secret          TEXT NOT NULL,
+    expires_at      BIGINT NOT NULL
+);
+ALTER TABLE enrollment_tokens ADD COLUMN IF NOT EXISTS attestation TEXT;
+ALTER TABLE enrollment_tokens ADD COLUMN IF NOT EXISTS ek_fingerprint TEXT;
+"#,
 ];
+
+const ATTESTATION_COLUMNS: &str = "assurance, ek_fingerprint, ek_manufacturer, ek_model, ak_public";
+
+fn to_attestation(row: &Row, at: usize) -> Result<Attestation, postgres::Error> {
+    Ok(Attestation {
+        assurance: row.try_get(at)?,
+        ek_fingerprint: row.try_get(at + 1)?,
+        ek_manufacturer: row.try_get(at + 2)?,
+        ek_model: row.try_get(at + 3)?,
+        ak_public: row.try_get(at + 4)?,
+    })
+}
+
+fn to_token(row: &Row) -> Result<TokenRow, postgres::Error> {
+    Ok(TokenRow {
+        bound: row.try_get(0)?,
+        policy: row.try_get(1)?,
+        expires_at_ms: row.try_get(2)?,
+        used: row.try_get::<_, Option<i64>>(3)?.is_some(),
+        attestation_required: row.try_get::<_, Option<String>>(4)?.as_deref() == Some("required"),
+        ek_fingerprint: row.try_get(5)?,
+    })
+}
+
+const TOKEN_COLUMNS: &str = "device_id, policy, expires_at, used_at, attestation, ek_fingerprint";
 
 type Manager = PostgresConnectionManager<MakeRustlsConnect>;
 type Pool = r2d2::Pool<Manager>;
@@ -448,6 +500,24 @@ impl PostgresStore {
         .transpose()
     }
 
+    fn load_attestation(
+        &self,
+        c: &mut impl GenericClient,
+        id: &str,
+    ) -> Result<Option<Attestation>, StoreError> {
+        let row = c
+            .query_opt(
+                &format!(
+                    "SELECT {ATTESTATION_COLUMNS} FROM device_attestation WHERE device_id = $1"
+                ),
+                &[&id],
+            )
+            .map_err(self.db("read attestation"))?;
+        row.map(|r| to_attestation(&r, 0))
+            .transpose()
+            .map_err(self.db("read attestation"))
+    }
+
     fn insert_audit(
         &self,
         c: &mut impl GenericClient,
@@ -643,6 +713,110 @@ impl Registry for PostgresStore {
         tx::set_state(open, id, target, ctx)
     }
 
+    fn token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt(
+                &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE token_hash = $1"),
+                &[&hash],
+            )
+            .map_err(self.db("read token"))?;
+        row.as_ref()
+            .map(to_token)
+            .transpose()
+            .map_err(self.db("read token"))
+    }
+
+    fn put_challenge(&self, c: &Challenge, now_ms: i64) -> Result<(), StoreError> {
+        let (token, device) = match &c.bound {
+            ChallengeFor::Token(h) => (Some(h.as_str()), None),
+            ChallengeFor::Device(d) => (None, Some(d.as_str())),
+        };
+        let secret = c.secret_hex();
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(self.db("begin"))?;
+        tx.execute(
+            "DELETE FROM attest_challenges WHERE expires_at < $1 OR token_hash = $2 \
+             OR device_id = $3",
+            &[&(now_ms - 600_000), &token, &device],
+        )
+        .map_err(self.db("store challenge"))?;
+        tx.execute(
+            "INSERT INTO attest_challenges (id, token_hash, device_id, assurance, \
+             ek_fingerprint, ek_manufacturer, ek_model, ak_public, secret, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &c.id,
+                &token,
+                &device,
+                &c.attestation.assurance,
+                &c.attestation.ek_fingerprint,
+                &c.attestation.ek_manufacturer,
+                &c.attestation.ek_model,
+                &c.attestation.ak_public,
+                &secret.as_str(),
+                &c.expires_at_ms,
+            ],
+        )
+        .map_err(self.db("store challenge"))?;
+        tx.commit().map_err(self.db("commit"))
+    }
+
+    fn take_challenge(&self, id: &str) -> Result<Option<Challenge>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt(
+                &format!(
+                    "DELETE FROM attest_challenges WHERE id = $1 RETURNING token_hash, \
+                     device_id, secret, expires_at, {ATTESTATION_COLUMNS}"
+                ),
+                &[&id],
+            )
+            .map_err(self.db("take challenge"))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let read = || -> Result<_, postgres::Error> {
+            Ok((
+                row.try_get::<_, Option<String>>(0)?,
+                row.try_get::<_, Option<String>>(1)?,
+                devid_store::Secret::new(row.try_get::<_, String>(2)?),
+                row.try_get::<_, i64>(3)?,
+                to_attestation(&row, 4)?,
+            ))
+        };
+        let (token, device, secret, expires_at_ms, attestation) =
+            read().map_err(self.db("take challenge"))?;
+        Challenge::from_row(id, token, device, &secret, expires_at_ms, attestation).map(Some)
+    }
+
+    fn attestation(&self, id: &DeviceId) -> Result<Option<Attestation>, StoreError> {
+        self.load_attestation(&mut *self.conn()?, id.as_str())
+    }
+
+    fn attestations(&self) -> Result<Vec<(String, Attestation)>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                &format!(
+                    "SELECT device_id, {ATTESTATION_COLUMNS} FROM device_attestation \
+                     ORDER BY device_id"
+                ),
+                &[],
+            )
+            .map_err(self.db("list attestations"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, to_attestation(r, 1)?)))
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(self.db("list attestations"))
+    }
+
+    fn reset_attestation(&self, id: &DeviceId, ctx: &AuditCtx) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = PgTx::begin(self, &mut conn)?;
+        tx::reset_attestation(open, id, ctx)
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let rows = self
             .conn()?
@@ -690,21 +864,17 @@ impl RegistryTx for PgTx<'_, '_> {
         let row = self
             .tx
             .query_opt(
-                "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
-                 WHERE token_hash = $1 FOR UPDATE",
+                &format!(
+                    "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE token_hash = $1 \
+                     FOR UPDATE"
+                ),
                 &[&hash],
             )
             .map_err(self.store.db("read token"))?;
-        row.map(|row| {
-            Ok(TokenRow {
-                bound: row.try_get(0)?,
-                policy: row.try_get(1)?,
-                expires_at_ms: row.try_get(2)?,
-                used: row.try_get::<_, Option<i64>>(3)?.is_some(),
-            })
-        })
-        .transpose()
-        .map_err(self.store.db("read token"))
+        row.as_ref()
+            .map(to_token)
+            .transpose()
+            .map_err(self.store.db("read token"))
     }
 
     fn consume_token(
@@ -730,13 +900,15 @@ impl RegistryTx for PgTx<'_, '_> {
         self.tx
             .execute(
                 "INSERT INTO enrollment_tokens (token_hash, device_id, policy, created_at, \
-                 expires_at) VALUES ($1, $2, $3, $4, $5)",
+                 expires_at, attestation, ek_fingerprint) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[
                     &token.hash,
                     &device,
                     &token.policy,
                     &now_ms,
                     &token.expires_at_ms,
+                    &token.attestation_required.then_some("required"),
+                    &token.ek_fingerprint,
                 ],
             )
             .map_err(self.store.db("create token"))?;
@@ -861,6 +1033,61 @@ impl RegistryTx for PgTx<'_, '_> {
             )
             .map_err(self.store.db("revoke admin credential"))?;
         Ok(())
+    }
+
+    fn attestation(&mut self, id: &DeviceId) -> Result<Option<Attestation>, StoreError> {
+        self.store.load_attestation(&mut self.tx, id.as_str())
+    }
+
+    fn device_with_ek(&mut self, ek_fingerprint: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .tx
+            .query_opt(
+                "SELECT device_id FROM device_attestation WHERE ek_fingerprint = $1",
+                &[&ek_fingerprint],
+            )
+            .map_err(self.store.db("read attestation"))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(self.store.db("read attestation"))
+    }
+
+    fn write_attestation(
+        &mut self,
+        id: &DeviceId,
+        a: &Attestation,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO device_attestation (device_id, assurance, ek_fingerprint, \
+                 ek_manufacturer, ek_model, ak_public, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (device_id) DO UPDATE SET assurance = excluded.assurance, \
+                 ek_fingerprint = excluded.ek_fingerprint, \
+                 ek_manufacturer = excluded.ek_manufacturer, ek_model = excluded.ek_model, \
+                 ak_public = excluded.ak_public, recorded_at = excluded.recorded_at",
+                &[
+                    &id.as_str(),
+                    &a.assurance,
+                    &a.ek_fingerprint,
+                    &a.ek_manufacturer,
+                    &a.ek_model,
+                    &a.ak_public,
+                    &now_ms,
+                ],
+            )
+            .map_err(self.store.db("record attestation"))?;
+        Ok(())
+    }
+
+    fn delete_attestation(&mut self, id: &DeviceId) -> Result<u64, StoreError> {
+        self.tx
+            .execute(
+                "DELETE FROM device_attestation WHERE device_id = $1",
+                &[&id.as_str()],
+            )
+            .map_err(self.store.db("reset attestation"))
     }
 
     fn commit(self) -> Result<(), StoreError> {

@@ -9,9 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use devid_stdx::rfc3339;
 use devid_store::{
-    tx, AdminCredential, AuditCtx, AuditLog, DeviceLookup, DeviceRecord, EnrollAttempt, IssueFn,
-    IssuedCert, NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role, StoreError,
-    TokenRow,
+    tx, AdminCredential, Attestation, AuditCtx, AuditLog, Challenge, ChallengeFor, DeviceLookup,
+    DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome, Registry,
+    RegistryTx, RenewAttempt, Role, StoreError, TokenRow,
 };
 
 /// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
@@ -256,6 +256,73 @@ const MIGRATE_3: &str = "ALTER TABLE admin_credentials ADD COLUMN name TEXT; \
                              ELSE 'admin-' || rowid END; \
                          CREATE UNIQUE INDEX admin_credentials_name ON admin_credentials (name);";
 
+/// Schema version 4: key attestation. Per device the verified attestation (one EK is one
+/// device: the fingerprint is unique), the pending challenges between the two steps, and
+/// per token the attestation demands.
+const MIGRATE_4: &str = "CREATE TABLE device_attestation ( \
+                             device_id TEXT PRIMARY KEY, \
+                             assurance TEXT NOT NULL, \
+                             ek_fingerprint TEXT NOT NULL UNIQUE, \
+                             ek_manufacturer TEXT, \
+                             ek_model TEXT, \
+                             ak_public TEXT NOT NULL, \
+                             recorded_at INTEGER NOT NULL); \
+                         CREATE TABLE attest_challenges ( \
+                             id TEXT PRIMARY KEY, \
+                             token_hash TEXT, \
+                             device_id TEXT, \
+                             assurance TEXT NOT NULL, \
+                             ek_fingerprint TEXT NOT NULL, \
+                             ek_manufacturer TEXT, \
+                             ek_model TEXT, \
+                             ak_public TEXT NOT NULL, \
+                             secret TEXT NOT NULL, \
+                             expires_at INTEGER NOT NULL); \
+                         ALTER TABLE enrollment_tokens ADD COLUMN attestation TEXT; \
+                         ALTER TABLE enrollment_tokens ADD COLUMN ek_fingerprint TEXT;";
+
+const ATTESTATION_COLUMNS: &str = "assurance, ek_fingerprint, ek_manufacturer, ek_model, ak_public";
+
+fn attestation_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attestation> {
+    Ok(Attestation {
+        assurance: r.get(at)?,
+        ek_fingerprint: r.get(at + 1)?,
+        ek_manufacturer: r.get(at + 2)?,
+        ek_model: r.get(at + 3)?,
+        ak_public: r.get(at + 4)?,
+    })
+}
+
+fn load_attestation(conn: &Connection, id: &str) -> Result<Option<Attestation>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {ATTESTATION_COLUMNS} FROM device_attestation WHERE device_id = ?1"),
+        params![id],
+        |r| attestation_row(r, 0),
+    )
+    .optional()
+    .map_err(db("read attestation"))
+}
+
+fn token_row(conn: &Connection, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+    conn.query_row(
+        "SELECT device_id, policy, expires_at, used_at, attestation, ek_fingerprint \
+         FROM enrollment_tokens WHERE token_hash = ?1",
+        params![hash],
+        |r| {
+            Ok(TokenRow {
+                bound: r.get(0)?,
+                policy: r.get(1)?,
+                expires_at_ms: r.get(2)?,
+                used: r.get::<_, Option<i64>>(3)?.is_some(),
+                attestation_required: r.get::<_, Option<String>>(4)?.as_deref() == Some("required"),
+                ek_fingerprint: r.get(5)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(db("read token"))
+}
+
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
     conn.query_row(
         "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
@@ -276,6 +343,14 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         ))
         .map_err(db("migrate the schema to version 3"))?;
         tracing::info!(schema_version = 3, "applied database migration");
+    }
+    if !has_column(conn, "enrollment_tokens", "attestation")? {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MIGRATE_4} \
+             UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT;"
+        ))
+        .map_err(db("migrate the schema to version 4"))?;
+        tracing::info!(schema_version = 4, "applied database migration");
     }
     Ok(())
 }
@@ -402,6 +477,100 @@ impl Registry for SqliteStore {
         tx::set_state(open, id, target, ctx)
     }
 
+    fn token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        token_row(&*self.conn()?, hash)
+    }
+
+    fn put_challenge(&self, c: &Challenge, now_ms: i64) -> Result<(), StoreError> {
+        let (token, device) = match &c.bound {
+            ChallengeFor::Token(h) => (Some(h.as_str()), None),
+            ChallengeFor::Device(d) => (None, Some(d.as_str())),
+        };
+        let secret = c.secret_hex();
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("begin"))?;
+        tx.execute(
+            "DELETE FROM attest_challenges WHERE expires_at < ?1 OR token_hash = ?2 \
+             OR device_id = ?3",
+            params![now_ms - 600_000, token, device],
+        )
+        .map_err(db("store challenge"))?;
+        tx.execute(
+            "INSERT INTO attest_challenges (id, token_hash, device_id, assurance, \
+             ek_fingerprint, ek_manufacturer, ek_model, ak_public, secret, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                c.id,
+                token,
+                device,
+                c.attestation.assurance,
+                c.attestation.ek_fingerprint,
+                c.attestation.ek_manufacturer,
+                c.attestation.ek_model,
+                c.attestation.ak_public,
+                secret.as_str(),
+                c.expires_at_ms
+            ],
+        )
+        .map_err(db("store challenge"))?;
+        tx.commit().map_err(db("commit"))
+    }
+
+    fn take_challenge(&self, id: &str) -> Result<Option<Challenge>, StoreError> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                &format!(
+                    "DELETE FROM attest_challenges WHERE id = ?1 RETURNING token_hash, \
+                     device_id, secret, expires_at, {ATTESTATION_COLUMNS}"
+                ),
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        devid_store::Secret::new(r.get::<_, String>(2)?),
+                        r.get::<_, i64>(3)?,
+                        attestation_row(r, 4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db("take challenge"))?;
+        let Some((token, device, secret, expires_at_ms, attestation)) = row else {
+            return Ok(None);
+        };
+        Challenge::from_row(id, token, device, &secret, expires_at_ms, attestation).map(Some)
+    }
+
+    fn attestation(&self, id: &DeviceId) -> Result<Option<Attestation>, StoreError> {
+        load_attestation(&*self.conn()?, id.as_str())
+    }
+
+    fn attestations(&self) -> Result<Vec<(String, Attestation)>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT device_id, {ATTESTATION_COLUMNS} FROM device_attestation \
+                 ORDER BY device_id"
+            ))
+            .map_err(db("list attestations"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, attestation_row(r, 1)?)))
+            .map_err(db("list attestations"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list attestations"));
+        rows
+    }
+
+    fn reset_attestation(&self, id: &DeviceId, ctx: &AuditCtx) -> Outcome<()> {
+        let mut conn = self.conn()?;
+        let open = SqliteTx::begin(&mut conn)?;
+        tx::reset_attestation(open, id, ctx)
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn
@@ -438,22 +607,7 @@ impl RegistryTx for SqliteTx<'_> {
     }
 
     fn token_for_update(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
-        self.0
-            .query_row(
-                "SELECT device_id, policy, expires_at, used_at FROM enrollment_tokens \
-                 WHERE token_hash = ?1",
-                params![hash],
-                |r| {
-                    Ok(TokenRow {
-                        bound: r.get(0)?,
-                        policy: r.get(1)?,
-                        expires_at_ms: r.get(2)?,
-                        used: r.get::<_, Option<i64>>(3)?.is_some(),
-                    })
-                },
-            )
-            .optional()
-            .map_err(db("read token"))
+        token_row(&self.0, hash) // BEGIN IMMEDIATE holds the write lock already
     }
 
     fn consume_token(
@@ -477,13 +631,15 @@ impl RegistryTx for SqliteTx<'_> {
         self.0
             .execute(
                 "INSERT INTO enrollment_tokens (token_hash, device_id, policy, created_at, \
-                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                 expires_at, attestation, ek_fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     token.hash,
                     token.device_id.as_ref().map(|d| d.as_str()),
                     token.policy,
                     now_ms,
-                    token.expires_at_ms
+                    token.expires_at_ms,
+                    token.attestation_required.then_some("required"),
+                    token.ek_fingerprint,
                 ],
             )
             .map_err(db("create token"))?;
@@ -595,6 +751,61 @@ impl RegistryTx for SqliteTx<'_> {
             )
             .map_err(db("revoke admin credential"))?;
         Ok(())
+    }
+
+    fn attestation(&mut self, id: &DeviceId) -> Result<Option<Attestation>, StoreError> {
+        load_attestation(&self.0, id.as_str())
+    }
+
+    fn device_with_ek(&mut self, ek_fingerprint: &str) -> Result<Option<String>, StoreError> {
+        self.0
+            .query_row(
+                "SELECT device_id FROM device_attestation WHERE ek_fingerprint = ?1",
+                params![ek_fingerprint],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("read attestation"))
+    }
+
+    fn write_attestation(
+        &mut self,
+        id: &DeviceId,
+        a: &Attestation,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.0
+            .execute(
+                "INSERT INTO device_attestation (device_id, assurance, ek_fingerprint, \
+                 ek_manufacturer, ek_model, ak_public, recorded_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT (device_id) DO UPDATE SET assurance = excluded.assurance, \
+                 ek_fingerprint = excluded.ek_fingerprint, \
+                 ek_manufacturer = excluded.ek_manufacturer, ek_model = excluded.ek_model, \
+                 ak_public = excluded.ak_public, recorded_at = excluded.recorded_at",
+                params![
+                    id.as_str(),
+                    a.assurance,
+                    a.ek_fingerprint,
+                    a.ek_manufacturer,
+                    a.ek_model,
+                    a.ak_public,
+                    now_ms
+                ],
+            )
+            .map_err(db("record attestation"))?;
+        Ok(())
+    }
+
+    fn delete_attestation(&mut self, id: &DeviceId) -> Result<u64, StoreError> {
+        let n = self
+            .0
+            .execute(
+                "DELETE FROM device_attestation WHERE device_id = ?1",
+                params![id.as_str()],
+            )
+            .map_err(db("reset attestation"))?;
+        Ok(n as u64)
     }
 
     fn commit(self) -> Result<(), StoreError> {

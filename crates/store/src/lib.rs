@@ -25,11 +25,13 @@ use std::sync::Weak;
 
 use devid_proto::{AuditEntry, DeviceId, DeviceState};
 
+mod attest;
 pub mod messages;
 mod rules;
 pub mod token;
 pub mod tx;
 
+pub use attest::{Attestation, Challenge, ChallengeFor, Secret};
 pub use messages::{
     Appended, DeviceUsage, IndexHook, LiveMessage, MessageStore, NewMessage, StoredMessage,
     RECORD_OVERHEAD,
@@ -112,6 +114,19 @@ pub enum Refusal {
     CredentialUnknown,
     /// Revoking it would leave no live credential with the admin role.
     LastAdminCredential,
+    /// The token or the server requires key attestation and none was presented.
+    AttestationRequired,
+    /// The device is attested; enrolling or renewing it onto an unattested key is refused.
+    AttestationDowngrade,
+    /// The device is registered with another endorsement key (another TPM): an operator must
+    /// reset its attestation first.
+    EkChanged,
+    /// This endorsement key is registered to another device.
+    EkRegisteredElsewhere,
+    /// The renewal's attestation key is not the one registered for the device.
+    AkChanged,
+    /// The token names another endorsement key than the one attested.
+    EkNotAllowed,
 }
 
 impl Refusal {
@@ -131,6 +146,12 @@ impl Refusal {
             Refusal::CredentialExists => "credential_exists",
             Refusal::CredentialUnknown => "credential_unknown",
             Refusal::LastAdminCredential => "last_admin_credential",
+            Refusal::AttestationRequired => "attestation_required",
+            Refusal::AttestationDowngrade => "attestation_downgrade",
+            Refusal::EkChanged => "ek_changed",
+            Refusal::EkRegisteredElsewhere => "ek_registered_elsewhere",
+            Refusal::AkChanged => "ak_changed",
+            Refusal::EkNotAllowed => "ek_not_allowed",
         }
     }
 
@@ -169,6 +190,29 @@ impl Refusal {
             Refusal::LastAdminCredential => {
                 "this is the last live credential with the admin role; create another admin \
                  credential first"
+            }
+            Refusal::AttestationRequired => {
+                "key attestation is required (by the token or the server): enrol from a TPM \
+                 with an endorsement key certificate, without --no-attest"
+            }
+            Refusal::AttestationDowngrade => {
+                "this device is TPM attested: a key that is not attested is refused; attest \
+                 the new key, or have the operator reset the device's attestation"
+            }
+            Refusal::EkChanged => {
+                "this device is registered with another TPM (endorsement key); the operator \
+                 must run `devid-server device reset-attestation ID` first"
+            }
+            Refusal::EkRegisteredElsewhere => {
+                "this TPM's endorsement key is registered to another device; one TPM is one \
+                 device"
+            }
+            Refusal::AkChanged => {
+                "the attestation key is not the one registered for this device; renew with \
+                 the registered one or re-enrol"
+            }
+            Refusal::EkNotAllowed => {
+                "the enrolment token is for another TPM (endorsement key fingerprint)"
             }
         }
     }
@@ -217,6 +261,10 @@ pub struct NewToken {
     pub policy: String,
     /// Expiry, ms since the epoch.
     pub expires_at_ms: i64,
+    /// The device must attest its key.
+    pub attestation_required: bool,
+    /// The endorsement key (hex SHA-256 of its SPKI) the device must attest with.
+    pub ek_fingerprint: Option<String>,
 }
 
 /// A registry row.
@@ -285,9 +333,9 @@ pub struct PresentedCert {
 /// Whether a renewal may change the device's key (`renewal.key_change`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyChangePolicy {
-    /// Any key the CSR proves possession of.
+    /// Any key the CSR proves possession of (an attested device still needs an attested key).
     Allowed,
-    /// Only a key certified by the device's attestation key (none is registered yet: refused).
+    /// Only a key certified by the device's attestation key.
     Attested,
     /// Never.
     Refused,
@@ -304,6 +352,8 @@ pub struct RenewAttempt<'a> {
     pub key_fingerprint: &'a str,
     /// May the key change?
     pub key_change: KeyChangePolicy,
+    /// The attestation verified for the CSR's key, if any.
+    pub attestation: Option<&'a Attestation>,
     /// Audit context.
     pub ctx: &'a AuditCtx,
 }
@@ -317,6 +367,8 @@ pub struct EnrollAttempt<'a> {
     pub requested_id: Option<&'a DeviceId>,
     /// Hex SHA-256 of the CSR's key.
     pub key_fingerprint: &'a str,
+    /// The attestation verified for the CSR's key, if any.
+    pub attestation: Option<&'a Attestation>,
     /// Audit context (actor `anonymous`, source, time).
     pub ctx: &'a AuditCtx,
 }
@@ -479,6 +531,27 @@ pub trait Registry: IngestRegistry {
 
     /// Every device, by id.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// The token with this hash, read only (the attestation challenge checks a token without
+    /// consuming it).
+    fn token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Store an attestation challenge, replacing any other of the same token or device, and
+    /// drop challenges that expired more than ten minutes before `now_ms`.
+    fn put_challenge(&self, challenge: &Challenge, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Remove and return the challenge `id` (single use: a second take finds nothing).
+    fn take_challenge(&self, id: &str) -> Result<Option<Challenge>, StoreError>;
+
+    /// The device's registered attestation.
+    fn attestation(&self, id: &DeviceId) -> Result<Option<Attestation>, StoreError>;
+
+    /// Every registered attestation, by device id.
+    fn attestations(&self) -> Result<Vec<(String, Attestation)>, StoreError>;
+
+    /// Forget the device's attestation (an operator's decision after a TPM swap), audited
+    /// ([`tx::reset_attestation`]).
+    fn reset_attestation(&self, id: &DeviceId, ctx: &AuditCtx) -> Outcome<()>;
 }
 
 /// Told about device state changes committed by any node (see

@@ -8,8 +8,8 @@ use devid_proto::{DeviceId, DeviceState};
 use devid_stdx::rfc3339;
 
 use crate::{
-    CertStanding, DeviceRecord, IssuedCert, KeyChangePolicy, NewToken, PresentedCert, Refusal,
-    StoreError,
+    Attestation, CertStanding, DeviceRecord, IssuedCert, KeyChangePolicy, NewToken, PresentedCert,
+    Refusal, StoreError,
 };
 
 /// An enrolment token's row, as read (and, where the backend needs it, locked).
@@ -23,6 +23,10 @@ pub struct TokenRow {
     pub expires_at_ms: i64,
     /// Whether it was used already.
     pub used: bool,
+    /// The device must attest its key.
+    pub attestation_required: bool,
+    /// The endorsement key (hex SHA-256 of its SPKI) the device must attest with.
+    pub ek_fingerprint: Option<String>,
 }
 
 /// What a valid token lets the enrolment do.
@@ -34,6 +38,10 @@ pub(crate) struct TokenUse {
     pub policy: String,
     /// Whether the token names the device (only such a token may re-enrol an active device).
     pub bound: bool,
+    /// The device must attest its key.
+    pub attestation_required: bool,
+    /// The EK the device must attest with.
+    pub ek_fingerprint: Option<String>,
 }
 
 /// A refusal and the device id its audit row names.
@@ -78,6 +86,8 @@ pub(crate) fn check_token(
         id,
         policy: t.policy,
         bound: t.bound.is_some(),
+        attestation_required: t.attestation_required,
+        ek_fingerprint: t.ek_fingerprint,
     }))
 }
 
@@ -123,18 +133,90 @@ pub(crate) fn presented_cert(d: &DeviceRecord, p: &PresentedCert) -> Result<Pres
 }
 
 /// Whether a renewal from a certificate for `presented_key` to a CSR for `new_key` may go
-/// ahead under `policy`. Attestation keys do not exist yet, so `Attested` refuses every change.
+/// ahead under `policy`; `attested`: the new key comes with a verified attestation.
 pub(crate) fn key_change_refusal(
     presented_key: &str,
     new_key: &str,
     policy: KeyChangePolicy,
+    attested: bool,
 ) -> Option<Refusal> {
     if presented_key == new_key {
         return None;
     }
     match policy {
         KeyChangePolicy::Allowed => None,
+        KeyChangePolicy::Attested if attested => None,
         KeyChangePolicy::Attested | KeyChangePolicy::Refused => Some(Refusal::KeyChangeRefused),
+    }
+}
+
+/// The attestation rules of an enrolment: a required attestation must be there, the token's
+/// EK must be the attested one, an attested device stays attested and on its EK, and one EK
+/// is one device (`ek_owner`: the device the presented EK is registered to).
+pub(crate) fn enroll_attestation_refusal(
+    id: &DeviceId,
+    token: &TokenUse,
+    registered: Option<&Attestation>,
+    presented: Option<&Attestation>,
+    ek_owner: Option<&str>,
+) -> Option<Refusal> {
+    if token.attestation_required && presented.is_none() {
+        return Some(Refusal::AttestationRequired);
+    }
+    if let Some(want) = &token.ek_fingerprint {
+        if presented.map(|p| &p.ek_fingerprint) != Some(want) {
+            return Some(Refusal::EkNotAllowed);
+        }
+    }
+    match (registered, presented) {
+        (Some(_), None) => return Some(Refusal::AttestationDowngrade),
+        (Some(r), Some(p)) if r.ek_fingerprint != p.ek_fingerprint => {
+            return Some(Refusal::EkChanged)
+        }
+        _ => {}
+    }
+    match ek_owner {
+        Some(owner) if presented.is_some() && owner != id.as_str() => {
+            Some(Refusal::EkRegisteredElsewhere)
+        }
+        _ => None,
+    }
+}
+
+/// The attestation rules of a renewal: an attested device never moves to an unattested key,
+/// and renews only with its registered EK and AK; an unattested device may become attested
+/// with an EK no other device has.
+pub(crate) fn renew_attestation_refusal(
+    id: &DeviceId,
+    key_changed: bool,
+    registered: Option<&Attestation>,
+    presented: Option<&Attestation>,
+    ek_owner: Option<&str>,
+) -> Option<Refusal> {
+    match (registered, presented) {
+        (Some(_), None) if key_changed => Some(Refusal::AttestationDowngrade),
+        (Some(_), None) => None,
+        (Some(r), Some(p)) if r.ek_fingerprint != p.ek_fingerprint => Some(Refusal::EkChanged),
+        (Some(r), Some(p)) if r.ak_public != p.ak_public => Some(Refusal::AkChanged),
+        (Some(_), Some(_)) => None,
+        (None, Some(_)) => match ek_owner {
+            Some(owner) if owner != id.as_str() => Some(Refusal::EkRegisteredElsewhere),
+            _ => None,
+        },
+        (None, None) => None,
+    }
+}
+
+/// The audit detail's attestation part: ` assurance=ek-cert ek=<first 16 hex>` or
+/// ` assurance=none`.
+pub(crate) fn assurance_detail(a: Option<&Attestation>) -> String {
+    match a {
+        Some(a) => format!(
+            " assurance={} ek={}",
+            a.assurance,
+            a.ek_fingerprint.get(..16).unwrap_or(&a.ek_fingerprint)
+        ),
+        None => " assurance=none".to_owned(),
     }
 }
 
@@ -162,11 +244,18 @@ pub(crate) fn state_change(
 
 /// Audit detail of a created token (never the token).
 pub(crate) fn token_detail(token: &NewToken) -> String {
-    format!(
+    let mut d = format!(
         "policy={} expires={}",
         token.policy,
         rfc3339(token.expires_at_ms)
-    )
+    );
+    if token.attestation_required {
+        d.push_str(" attestation=required");
+    }
+    if let Some(ek) = &token.ek_fingerprint {
+        d.push_str(&format!(" ek={}", ek.get(..16).unwrap_or(ek)));
+    }
+    d
 }
 
 /// Audit detail of an enrolment.
@@ -225,7 +314,121 @@ mod tests {
             policy: "default".into(),
             expires_at_ms,
             used,
+            attestation_required: false,
+            ek_fingerprint: None,
         })
+    }
+
+    fn att(ek: &str, ak: &str) -> Attestation {
+        Attestation {
+            assurance: "ek-cert".into(),
+            ek_fingerprint: ek.into(),
+            ek_manufacturer: None,
+            ek_model: None,
+            ak_public: ak.into(),
+        }
+    }
+
+    fn token_use(required: bool, ek: Option<&str>) -> TokenUse {
+        TokenUse {
+            id: id("d1"),
+            policy: "default".into(),
+            bound: true,
+            attestation_required: required,
+            ek_fingerprint: ek.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn attestation_rules_of_enrolment() {
+        let d = id("d1");
+        let a = att("ek1", "ak1");
+        let f = enroll_attestation_refusal;
+        assert_eq!(f(&d, &token_use(false, None), None, None, None), None);
+        assert_eq!(
+            f(&d, &token_use(true, None), None, None, None),
+            Some(Refusal::AttestationRequired)
+        );
+        assert_eq!(f(&d, &token_use(true, None), None, Some(&a), None), None);
+        assert_eq!(
+            f(&d, &token_use(false, Some("ek2")), None, Some(&a), None),
+            Some(Refusal::EkNotAllowed)
+        );
+        assert_eq!(
+            f(&d, &token_use(false, Some("ek1")), None, Some(&a), None),
+            None
+        );
+        // an attested device stays attested and on its EK (a new AK after a TPM clear is fine)
+        assert_eq!(
+            f(&d, &token_use(false, None), Some(&a), None, Some("d1")),
+            Some(Refusal::AttestationDowngrade)
+        );
+        assert_eq!(
+            f(
+                &d,
+                &token_use(false, None),
+                Some(&a),
+                Some(&att("ek2", "ak1")),
+                None
+            ),
+            Some(Refusal::EkChanged)
+        );
+        assert_eq!(
+            f(
+                &d,
+                &token_use(false, None),
+                Some(&a),
+                Some(&att("ek1", "ak9")),
+                Some("d1")
+            ),
+            None
+        );
+        // one EK is one device
+        assert_eq!(
+            f(&d, &token_use(false, None), None, Some(&a), Some("d2")),
+            Some(Refusal::EkRegisteredElsewhere)
+        );
+    }
+
+    #[test]
+    fn attestation_rules_of_renewal() {
+        let d = id("d1");
+        let a = att("ek1", "ak1");
+        let f = renew_attestation_refusal;
+        assert_eq!(
+            f(&d, false, Some(&a), None, None),
+            None,
+            "same key, no evidence"
+        );
+        assert_eq!(
+            f(&d, true, Some(&a), None, None),
+            Some(Refusal::AttestationDowngrade),
+            "an attested device never moves to an unattested key"
+        );
+        assert_eq!(f(&d, true, Some(&a), Some(&a), Some("d1")), None);
+        assert_eq!(
+            f(&d, true, Some(&a), Some(&att("ek1", "ak2")), Some("d1")),
+            Some(Refusal::AkChanged)
+        );
+        assert_eq!(
+            f(&d, true, Some(&a), Some(&att("ek2", "ak1")), None),
+            Some(Refusal::EkChanged)
+        );
+        // an unattested device becomes attested, unless the EK is another device's
+        assert_eq!(f(&d, true, None, Some(&a), None), None);
+        assert_eq!(
+            f(&d, true, None, Some(&a), Some("d2")),
+            Some(Refusal::EkRegisteredElsewhere)
+        );
+        assert_eq!(f(&d, true, None, None, None), None);
+        assert_eq!(
+            key_change_refusal("k1", "k2", KeyChangePolicy::Attested, false),
+            Some(Refusal::KeyChangeRefused)
+        );
+        assert_eq!(
+            key_change_refusal("k1", "k2", KeyChangePolicy::Attested, true),
+            None
+        );
     }
 
     fn id(s: &str) -> DeviceId {

@@ -13,10 +13,10 @@
 
 use devid_proto::{DeviceId, DeviceState};
 
-use crate::rules::{self, TokenRow, TokenUse};
+use crate::rules::{self, TokenRow};
 use crate::{
-    AdminCredential, AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit,
-    NewToken, Outcome, Refusal, RenewAttempt, Role, StoreError,
+    AdminCredential, Attestation, AuditCtx, DeviceRecord, EnrollAttempt, IssueFn, IssuedCert,
+    NewAudit, NewToken, Outcome, Refusal, RenewAttempt, Role, StoreError,
 };
 
 /// One open transaction of a backend. Every method runs inside it.
@@ -89,6 +89,23 @@ pub trait RegistryTx: Sized {
     /// Mark a credential revoked.
     fn revoke_credential(&mut self, name: &str, now_ms: i64) -> Result<(), StoreError>;
 
+    /// The device's registered attestation.
+    fn attestation(&mut self, id: &DeviceId) -> Result<Option<Attestation>, StoreError>;
+
+    /// The device the endorsement key with this fingerprint is registered to.
+    fn device_with_ek(&mut self, ek_fingerprint: &str) -> Result<Option<String>, StoreError>;
+
+    /// Record (insert or replace) the device's attestation.
+    fn write_attestation(
+        &mut self,
+        id: &DeviceId,
+        attestation: &Attestation,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Forget the device's attestation; the rows removed (0 or 1).
+    fn delete_attestation(&mut self, id: &DeviceId) -> Result<u64, StoreError>;
+
     /// Commit.
     fn commit(self) -> Result<(), StoreError>;
 }
@@ -149,15 +166,31 @@ pub fn enroll<X: RegistryTx>(
     let now = a.ctx.now_ms;
     // A concurrent enrolment with the same token waits here and then sees it used.
     let token = tx.token_for_update(a.token_hash)?;
-    let TokenUse { id, policy, bound } = match rules::check_token(token, a.requested_id, now)? {
+    let token = match rules::check_token(token, a.requested_id, now)? {
         Ok(u) => u,
         Err((why, dev)) => return refuse(tx, a.ctx, "enroll", dev.as_deref(), why),
     };
+    let id = token.id.clone();
     tx.lock_device(&id)?;
     let existing = tx.device(&id)?;
-    if let Some(r) = rules::enroll_refusal(existing.as_ref().map(|d| d.state), bound) {
+    if let Some(r) = rules::enroll_refusal(existing.as_ref().map(|d| d.state), token.bound) {
         return refuse(tx, a.ctx, "enroll", Some(id.as_str()), r);
     }
+    let registered = tx.attestation(&id)?;
+    let ek_owner = match a.attestation {
+        Some(p) => tx.device_with_ek(&p.ek_fingerprint)?,
+        None => None,
+    };
+    if let Some(r) = rules::enroll_attestation_refusal(
+        &id,
+        &token,
+        registered.as_ref(),
+        a.attestation,
+        ek_owner.as_deref(),
+    ) {
+        return refuse(tx, a.ctx, "enroll", Some(id.as_str()), r);
+    }
+    let policy = token.policy;
     if !tx.consume_token(a.token_hash, &id, now)? {
         return refuse(tx, a.ctx, "enroll", Some(id.as_str()), Refusal::TokenUsed);
     }
@@ -165,7 +198,11 @@ pub fn enroll<X: RegistryTx>(
     if tx.write_enrolled(&id, &cert, a.key_fingerprint, &policy, now)? != 1 {
         return Err(changed_meanwhile("enrolment"));
     }
-    let detail = rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
+    if let Some(att) = a.attestation {
+        tx.write_attestation(&id, att, now)?;
+    }
+    let mut detail = rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
+    detail.push_str(&rules::assurance_detail(a.attestation));
     tx.insert_audit(&NewAudit {
         ctx: a.ctx,
         device_id: Some(id.as_str()),
@@ -211,6 +248,21 @@ pub fn renew<X: RegistryTx>(
         &a.presented.key_fingerprint,
         a.key_fingerprint,
         a.key_change,
+        a.attestation.is_some(),
+    ) {
+        return refuse(tx, a.ctx, "renew", Some(id.as_str()), r);
+    }
+    let registered = tx.attestation(id)?;
+    let ek_owner = match a.attestation {
+        Some(p) => tx.device_with_ek(&p.ek_fingerprint)?,
+        None => None,
+    };
+    if let Some(r) = rules::renew_attestation_refusal(
+        id,
+        a.presented.key_fingerprint != a.key_fingerprint,
+        registered.as_ref(),
+        a.attestation,
+        ek_owner.as_deref(),
     ) {
         return refuse(tx, a.ctx, "renew", Some(id.as_str()), r);
     }
@@ -235,8 +287,12 @@ pub fn renew<X: RegistryTx>(
     {
         return Err(changed_meanwhile("renewal"));
     }
+    if let Some(att) = a.attestation {
+        tx.write_attestation(id, att, a.ctx.now_ms)?;
+    }
     let key_changed = a.presented.key_fingerprint != a.key_fingerprint;
-    let detail = rules::renew_detail(&cert, a.key_fingerprint, key_changed, presented);
+    let mut detail = rules::renew_detail(&cert, a.key_fingerprint, key_changed, presented);
+    detail.push_str(&rules::assurance_detail(a.attestation));
     tx.insert_audit(&NewAudit {
         ctx: a.ctx,
         device_id: Some(id.as_str()),
@@ -279,6 +335,31 @@ pub fn set_state<X: RegistryTx>(
     let record = tx.device(id)?.ok_or_else(|| rules::row_missing("update"))?;
     tx.commit()?;
     Ok(Ok(record))
+}
+
+/// Forget a device's attestation (see [`crate::Registry::reset_attestation`]): refused for
+/// an unknown device; audited either way.
+pub fn reset_attestation<X: RegistryTx>(mut tx: X, id: &DeviceId, ctx: &AuditCtx) -> Outcome<()> {
+    let action = "device.reset_attestation";
+    tx.lock_device(id)?;
+    if tx.device(id)?.is_none() {
+        return refuse(tx, ctx, action, Some(id.as_str()), Refusal::DeviceUnknown);
+    }
+    let removed = tx.delete_attestation(id)?;
+    let detail = if removed == 1 {
+        "attestation forgotten"
+    } else {
+        "no attestation was registered"
+    };
+    tx.insert_audit(&NewAudit {
+        ctx,
+        device_id: Some(id.as_str()),
+        action,
+        outcome: "ok",
+        detail,
+    })?;
+    tx.commit()?;
+    Ok(Ok(()))
 }
 
 /// Add a named admin credential (see [`crate::Registry::add_admin_credential`]).

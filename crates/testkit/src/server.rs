@@ -34,6 +34,12 @@ impl DevidServer {
 
     /// Same, with extra `init` arguments.
     pub fn start_with(extra_init: &[&str]) -> DevidServer {
+        Self::start_with_config(extra_init, "")
+    }
+
+    /// Same, with `key = value` lines set in `devid-server.toml` before the first run
+    /// ([`crate::set_config`]).
+    pub fn start_with_config(extra_init: &[&str], settings: &str) -> DevidServer {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("server");
         let https_port = free_port();
@@ -79,6 +85,9 @@ impl DevidServer {
             log,
             child: None,
         };
+        if !settings.is_empty() {
+            crate::set_config(&s.dir.join("devid-server.toml"), settings);
+        }
         s.run();
         s
     }

@@ -271,33 +271,7 @@ impl Drop for Server {
     }
 }
 
-/// Set `key = value` lines of `settings` in the config file: an existing line of the same key
-/// is replaced, a new key is appended.
-pub fn set_config(path: &Path, settings: &str) {
-    let mut text = std::fs::read_to_string(path).unwrap();
-    for line in settings.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let key = line.split('=').next().unwrap().trim();
-        let mut found = false;
-        text = text
-            .lines()
-            .map(|l| {
-                if l.split('=').next().map(str::trim) == Some(key) && !l.starts_with('#') {
-                    found = true;
-                    line.to_owned()
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n";
-        if !found {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    std::fs::write(path, text).unwrap();
-}
+pub use devid_testkit::set_config;
 
 /// A free loopback port that is not `other`.
 /// A free port that is none of `others`.

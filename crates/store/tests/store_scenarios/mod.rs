@@ -33,6 +33,8 @@ pub fn new_token(store: &dyn Registry, device: Option<&str>, ttl_ms: i64) -> Str
                 device_id: device.map(|d| DeviceId::parse(d).unwrap()),
                 policy: "default".into(),
                 expires_at_ms: now_ms() + ttl_ms,
+                attestation_required: false,
+                ek_fingerprint: None,
             },
             &ctx(),
         )
@@ -55,6 +57,7 @@ pub fn enroll(
         token_hash: &hash,
         requested_id: requested.as_ref(),
         key_fingerprint: "fp",
+        attestation: None,
         ctx: &c,
     };
     let mut issue = |id: &DeviceId| {
@@ -218,6 +221,7 @@ pub fn renew(
                 presented: &presented,
                 key_fingerprint: new_key,
                 key_change,
+                attestation: None,
                 ctx: &c,
             },
             &mut issue,
