@@ -653,3 +653,38 @@ fn a_stopped_node_s_devices_reconnect_through_haproxy_to_the_other_with_nothing_
         );
     }
 }
+
+/// The configuration docs/scaling.md shows: the generator the tests run, with production
+/// addresses (and no `source` line: HAProxy's own address is what the nodes trust).
+fn documented_spec() -> Spec {
+    let node = |name: &str, ip: [u8; 4]| Node {
+        name: name.to_owned(),
+        https: SocketAddr::from((ip, 8443)),
+        mqtt: SocketAddr::from((ip, 8883)),
+    };
+    Spec {
+        bind: "0.0.0.0".into(),
+        mqtt_port: 8883,
+        https_port: 8443,
+        source: None,
+        ca_file: "/etc/haproxy/devid-ca.pem".into(),
+        server_name: "iot.example.com".into(),
+        inter_ms: 300,
+        fall: 2,
+        rise: 1,
+        stats_socket: Some("/run/haproxy/admin.sock".into()),
+        nodes: vec![node("node1", [10, 0, 0, 11]), node("node2", [10, 0, 0, 12])],
+    }
+}
+
+#[test]
+fn docs_scaling_md_shows_the_configuration_these_tests_run() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/scaling.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let cfg = documented_spec().config();
+    assert!(
+        doc.contains(&cfg),
+        "{} does not show the configuration devid_testkit::haproxy writes; it should contain:\n{cfg}",
+        path.display()
+    );
+}

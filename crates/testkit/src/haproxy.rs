@@ -84,7 +84,7 @@ impl Spec {
              \x20   log global\n\
              \x20   option tcplog\n\
              \x20   timeout connect 2s\n\
-             \x20   # longer than the devices' MQTT keep-alive (the agent's default is 60 s)\n\
+             \x20   # longer than the devices' MQTT keep-alive (the agent's default is 30 s)\n\
              \x20   timeout client 10m\n\
              \x20   timeout server 10m\n\
              \x20   timeout check 2s\n\
@@ -161,6 +161,8 @@ impl Spec {
             }
             s.push('\n');
         }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
         s
     }
 }
