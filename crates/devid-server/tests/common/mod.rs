@@ -188,6 +188,23 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The server's process id (to send it a signal, e.g. SIGTERM).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait up to `timeout` for the server to exit (after a signal); whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// `run` again on the same data dir and ports (after `kill9`), log appended.
     pub fn restart(&mut self) {
         self.kill9();
