@@ -225,6 +225,10 @@ pub async fn run_async(
     vault: Arc<Vault>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<AgentStatus, AgentError> {
+    // a key rotation a crash cut between sealing the certificate and switching keys
+    if let Err(e) = renew::recover_rotation(&vault) {
+        tracing::warn!(error = %e, "could not finish an interrupted key rotation");
+    }
     let contents = vault.load()?;
     let device_id = contents
         .device_id

@@ -4,12 +4,16 @@
 //! new chain into the bundle with one atomic read-modify-write under the state dir's lock
 //! ([`devid_vault::Vault::update`]), so a concurrent `devid secret put` is never lost.
 //!
-//! The key stays the same. Rotating the key at renewal (a new key in the TPM or token, CSR
-//! signed by it, old key deleted once the new certificate is sealed) is a TODO: it needs a
-//! keystore operation to create a second key and switch to it atomically.
+//! With a TPM that the server attests (docs/attestation.md), each renewal is attested and
+//! rotates the key: a new key is made in the TPM beside the current one, certified by the
+//! registered attestation key, and the CSR is for it; the current key and certificate keep
+//! working until the new certificate is sealed, and only then does the new key become the
+//! device key ([`devid_keystore::KeyRotation`]; [`recover_rotation`] finishes a rotation a
+//! crash interrupted). Other backends renew with the same key.
 
 use devid_keystore::{spki_der, Keystore};
 use devid_vault::Vault;
+use sha2::Digest as _;
 
 /// Serial and validity of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,67 @@ pub enum RenewError {
     /// The bundle could not be read or written.
     #[error(transparent)]
     Vault(#[from] devid_vault::VaultError),
+    /// The keystore failed (making or switching to the next key).
+    #[error(transparent)]
+    Keystore(#[from] devid_keystore::KeystoreError),
+}
+
+fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.public_key().raw.to_vec())
+}
+
+/// Finish a key rotation a crash interrupted: when the sealed certificate is for the pending
+/// next key, that key becomes the device key. Otherwise the pending key is kept (the next
+/// renewal retries with it). Returns whether a rotation was committed.
+pub fn recover_rotation(vault: &Vault) -> Result<bool, RenewError> {
+    let ks = vault.keystore();
+    let Some(rot) = ks.rotation() else {
+        return Ok(false);
+    };
+    let Some(next) = rot.next_key() else {
+        return Ok(false);
+    };
+    let chain = vault.load()?.cert_chain_pem.clone();
+    if chain.as_deref().and_then(leaf_spki) == Some(spki_der(&next)) {
+        rot.commit_next_key()?;
+        tracing::info!("finished a key rotation interrupted after its certificate was sealed");
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// The attestation challenge of a renewal, when the keystore can attest and the server
+/// attests; `None` otherwise (renewal then goes ahead unattested, and the server decides).
+fn renewal_challenge(
+    server: &str,
+    pin: &str,
+    chain: &str,
+    ks: &std::sync::Arc<dyn Keystore>,
+) -> Option<(devid_keystore::AttestIdentity, devid_proto::AttestChallenge)> {
+    let attestor = ks.attestation()?;
+    let identity = match attestor.attestation_identity(None) {
+        Ok(Some(i)) => i,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prepare the TPM attestation; renewing unattested");
+            return None;
+        }
+    };
+    match devid_enroll::renew_attest_start(server, pin, chain, ks.clone(), &identity) {
+        Ok(c) => Some((identity, c)),
+        Err(devid_enroll::EnrollError::Server { code, .. })
+            if code == "attestation_off" || code == "ek_untrusted" =>
+        {
+            tracing::info!(%code, "the server does not attest this TPM; renewing unattested");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "attestation challenge failed; renewing unattested");
+            None
+        }
+    }
 }
 
 /// Serial and validity of the first certificate of a PEM chain.
@@ -94,15 +159,52 @@ pub fn renew_blocking(vault: &Vault, device_id: &str) -> Result<String, RenewErr
         .clone()
         .ok_or_else(|| RenewError::NotConfigured("no certificate in the bundle".into()))?;
     let ks = vault.keystore().clone();
-    // TODO(key rotation): create a new key in the keystore here and sign the CSR with it.
-    let csr = devid_enroll::build_csr_with_keystore(ks.as_ref(), Some(device_id))?;
-    let resp = devid_enroll::renew(&server, &pin, &chain, ks.clone(), &csr)?;
+    let challenge = renewal_challenge(&server, &pin, &chain, &ks);
+    // Attested renewal with a TPM that can make a second key: rotate.
+    let rotation = match (&challenge, ks.rotation()) {
+        (Some(_), Some(rot)) => Some((rot, rot.create_next_key()?)),
+        _ => None,
+    };
+    let (csr, new_key) = match &rotation {
+        Some((rot, next)) => {
+            let sign = |m: &[u8]| -> Result<Vec<u8>, String> {
+                let digest: [u8; 32] = sha2::Sha256::digest(m).into();
+                rot.sign_digest_next(&digest)
+                    .map(|s| s.to_der().as_bytes().to_vec())
+                    .map_err(|e| e.to_string())
+            };
+            let spki = spki_der(next);
+            (
+                devid_enroll::build_csr(&sign, &spki, Some(device_id))?,
+                spki,
+            )
+        }
+        None => (
+            devid_enroll::build_csr_with_keystore(ks.as_ref(), Some(device_id))?,
+            spki_der(&ks.public_key()),
+        ),
+    };
+    let evidence = match (&challenge, ks.attestation()) {
+        (Some((identity, c)), Some(attestor)) => Some(match &rotation {
+            Some((rot, _)) => {
+                devid_enroll::answer_challenge_with(attestor, &identity.ek_alg, c, &csr, &|q| {
+                    rot.certify_next_key(q)
+                })?
+            }
+            None => devid_enroll::answer_challenge(attestor, &identity.ek_alg, c, &csr)?,
+        }),
+        _ => None,
+    };
+    let resp = devid_enroll::renew_with(&server, &pin, &chain, ks.clone(), &csr, evidence)?;
     if resp.device_id != device_id {
         return Err(RenewError::BadChain(
             "the server answered for another device id".into(),
         ));
     }
-    check_chain(&resp.certificate_chain, &pin, device_id, ks.as_ref())?;
+    let id =
+        devid_proto::DeviceId::parse(device_id).map_err(|e| RenewError::BadChain(e.to_string()))?;
+    devid_enroll::verify_issued_chain(&resp.certificate_chain, &pin, &id, &new_key)
+        .map_err(|e| RenewError::BadChain(e.to_string()))?;
     if contents.mqtt_url.as_deref() != Some(resp.mqtt_url.as_str()) {
         tracing::info!(
             "the server announced another MQTT endpoint at renewal; keeping the sealed one until \
@@ -117,6 +219,17 @@ pub fn renew_blocking(vault: &Vault, device_id: &str) -> Result<String, RenewErr
         c.cert_chain_pem = Some(chain);
         Ok(())
     })?;
+    // The certificate for the next key is sealed: now it becomes the device key (a crash
+    // before this line is finished by `recover_rotation`).
+    if let Some((rot, _)) = rotation {
+        rot.commit_next_key()?;
+    }
+    tracing::info!(
+        attested = challenge.is_some(),
+        rotated = rotation.is_some(),
+        assurance = %resp.assurance,
+        "certificate renewed"
+    );
     Ok(resp.certificate_chain)
 }
 

@@ -417,6 +417,23 @@ pub fn answer_challenge(
     challenge: &AttestChallenge,
     csr_pem: &str,
 ) -> Result<AttestationEvidence, EnrollError> {
+    answer_challenge_with(attestor, ek_alg, challenge, csr_pem, &|q| {
+        attestor.certify_key(q)
+    })
+}
+
+/// [`answer_challenge`] with another key certified than the device key: `certify` makes the
+/// AK's TPM2_Certify of the key the CSR is for (a rotation's next key).
+pub fn answer_challenge_with(
+    attestor: &dyn KeyAttestation,
+    ek_alg: &str,
+    challenge: &AttestChallenge,
+    csr_pem: &str,
+    certify: &dyn Fn(
+        &[u8],
+    )
+        -> Result<devid_keystore::KeyCertification, devid_keystore::KeystoreError>,
+) -> Result<AttestationEvidence, EnrollError> {
     use base64::Engine as _;
     use rustls::pki_types::CertificateSigningRequestDer;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -437,9 +454,7 @@ pub fn answer_challenge(
     let q = attest_binding::qualifying_data(&challenge.challenge_id, secret.expose(), csr.as_ref());
     let proof = attest_binding::activation_proof(secret.expose(), &challenge.challenge_id);
     drop(secret);
-    let cert = attestor
-        .certify_key(&q)
-        .map_err(|e| EnrollError::Attestation(e.to_string()))?;
+    let cert = certify(&q).map_err(|e| EnrollError::Attestation(e.to_string()))?;
     Ok(AttestationEvidence {
         challenge_id: challenge.challenge_id.clone(),
         activation_proof: hex::encode(proof),

@@ -114,7 +114,7 @@ impl TpmKeystore {
     }
 
     /// The AK's key file: read it, or create the AK under the SRK and write it.
-    fn ak_file(&self, inner: &mut Inner) -> Result<TpmKeyFile, KeystoreError> {
+    pub(crate) fn ak_file(&self, inner: &mut Inner) -> Result<TpmKeyFile, KeystoreError> {
         let path = self.ak_path();
         match std::fs::read_to_string(&path) {
             Ok(pem) => return TpmKeyFile::from_pem(&pem),
@@ -143,7 +143,11 @@ impl TpmKeystore {
         Ok(file)
     }
 
-    fn load_ak(&self, inner: &mut Inner, file: &TpmKeyFile) -> Result<KeyHandle, KeystoreError> {
+    pub(crate) fn load_ak(
+        &self,
+        inner: &mut Inner,
+        file: &TpmKeyFile,
+    ) -> Result<KeyHandle, KeystoreError> {
         let (pub_body, _) = take_tpm2b(&file.public)?;
         let (priv_body, _) = take_tpm2b(&file.private)?;
         let public = Public::unmarshall(pub_body).map_err(tss("parse AK public area"))?;
@@ -219,13 +223,13 @@ fn tpm_key(public: &Public) -> Vec<u8> {
 }
 
 impl Inner {
-    fn flush_device_key(&mut self) {
+    pub(crate) fn flush_device_key(&mut self) {
         if let Some(k) = self.device_key.take() {
             let _ = self.ctx.flush_context(ObjectHandle::from(k));
         }
     }
 
-    fn flush(&mut self, key: KeyHandle) {
+    pub(crate) fn flush(&mut self, key: KeyHandle) {
         let _ = self.ctx.flush_context(ObjectHandle::from(key));
     }
 }

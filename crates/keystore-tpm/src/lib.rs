@@ -46,6 +46,7 @@ use tss_esapi::{Context, TctiNameConf};
 
 pub mod attest;
 pub mod keyfile;
+pub mod rotate;
 
 use keyfile::{make_tpm2b, take_tpm2b, TpmKeyFile, PARENT_OWNER};
 
@@ -130,7 +131,8 @@ pub struct TpmKeystore {
     inner: Mutex<Inner>,
     config: TpmConfig,
     key_path: PathBuf,
-    public: PublicKey,
+    /// The device key's public key; changes only when a rotation commits.
+    public: std::sync::RwLock<PublicKey>,
 }
 
 impl std::fmt::Debug for TpmKeystore {
@@ -148,6 +150,8 @@ struct Inner {
     session: AuthSession,
     device_key: Option<KeyHandle>,
     key_file: TpmKeyFile,
+    /// A key made for a rotation, not yet the device key ([`rotate`]).
+    next: Option<rotate::NextKey>,
     param_encryption: bool,
 }
 
@@ -564,6 +568,7 @@ impl Inner {
             session,
             device_key: None,
             key_file,
+            next: None,
             param_encryption: true,
         })
     }
@@ -700,6 +705,7 @@ impl TpmKeystore {
             session,
             device_key: None,
             key_file,
+            next: None,
             param_encryption: true,
         };
         Ok((
@@ -707,7 +713,7 @@ impl TpmKeystore {
                 inner: Mutex::new(inner),
                 config: config.clone(),
                 key_path,
-                public,
+                public: std::sync::RwLock::new(public),
             },
             config,
         ))
@@ -731,12 +737,13 @@ impl TpmKeystore {
         let tcti = tcti_override.unwrap_or(&config.tcti);
         let mut config = config.clone();
         config.tcti = tcti.to_string();
-        let inner = Inner::connect(&config, tcti, key_file)?;
+        let mut inner = Inner::connect(&config, tcti, key_file)?;
+        inner.next = rotate::read_next(&key_path)?;
         Ok(TpmKeystore {
             inner: Mutex::new(inner),
             config,
             key_path,
-            public,
+            public: std::sync::RwLock::new(public),
         })
     }
 
@@ -851,12 +858,37 @@ impl Keystore for TpmKeystore {
     }
 
     fn public_key(&self) -> PublicKey {
-        self.public
+        *self.public.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<Signature, KeystoreError> {
         let mut inner = self.lock()?;
         let key = inner.device_key()?;
+        self.sign_with(&mut inner, key, digest)
+    }
+
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        self.seal_impl(secret)
+    }
+
+    fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError> {
+        self.unseal_impl(blob)
+    }
+
+    fn rotation(&self) -> Option<&dyn devid_keystore::KeyRotation> {
+        Some(self)
+    }
+}
+
+impl TpmKeystore {
+    /// Sign `digest` with the loaded key `key` (the device key, or a rotation's next key: both
+    /// have the same template and PCR policy).
+    fn sign_with(
+        &self,
+        inner: &mut Inner,
+        key: KeyHandle,
+        digest: &[u8; 32],
+    ) -> Result<Signature, KeystoreError> {
         let digest = Digest::try_from(digest.to_vec()).map_err(tss("digest"))?;
         let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
             tag: TPM2_ST_HASHCHECK,
@@ -908,7 +940,7 @@ impl Keystore for TpmKeystore {
         }
     }
 
-    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+    fn seal_impl(&self, secret: &[u8]) -> Result<Vec<u8>, KeystoreError> {
         let mut inner = self.lock()?;
         let pcrs = self.config.pcrs.clone();
         let policy = if pcrs.is_empty() {
@@ -939,7 +971,7 @@ impl Keystore for TpmKeystore {
         Ok(out)
     }
 
-    fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError> {
+    fn unseal_impl(&self, blob: &[u8]) -> Result<SecretBytes, KeystoreError> {
         let SealedBlob {
             pcrs,
             public,

@@ -204,6 +204,36 @@ pub trait Keystore: Send + Sync + fmt::Debug {
     fn attestation(&self) -> Option<&dyn KeyAttestation> {
         None
     }
+
+    /// Key rotation in place, where the backend can make a second key and switch to it.
+    fn rotation(&self) -> Option<&dyn KeyRotation> {
+        None
+    }
+}
+
+/// Rotating the device key in the keystore, crash-safe: the next key is made beside the
+/// current one (and kept across restarts) and becomes the device key only at
+/// [`KeyRotation::commit_next_key`], after its certificate is sealed. Until then the current
+/// key and certificate keep working.
+pub trait KeyRotation: Send + Sync {
+    /// Make the next key, or return the pending one (a rotation interrupted before its
+    /// commit is retried with the same key).
+    fn create_next_key(&self) -> Result<PublicKey, KeystoreError>;
+
+    /// The pending next key, if any.
+    fn next_key(&self) -> Option<PublicKey>;
+
+    /// Sign a SHA-256 digest with the next key (its CSR).
+    fn sign_digest_next(&self, digest: &[u8; 32]) -> Result<Signature, KeystoreError>;
+
+    /// TPM2_Certify of the next key by the AK (see [`KeyAttestation::certify_key`]).
+    fn certify_next_key(&self, qualifying_data: &[u8]) -> Result<KeyCertification, KeystoreError>;
+
+    /// The next key becomes the device key; the old one is flushed and its blob deleted.
+    fn commit_next_key(&self) -> Result<(), KeystoreError>;
+
+    /// Forget the next key (its certificate was never sealed).
+    fn discard_next_key(&self) -> Result<(), KeystoreError>;
 }
 
 /// What a TPM shows the server to start key attestation: its endorsement key certificate and
