@@ -487,16 +487,15 @@ impl EkRoots {
 fn check_ek_eku(cert: &X509Certificate<'_>) -> Result<()> {
     for ext in cert.extensions() {
         match ext.parsed_extension() {
-            ParsedExtension::ExtendedKeyUsage(eku) => {
+            ParsedExtension::ExtendedKeyUsage(eku)
                 if !eku
                     .other
                     .iter()
-                    .any(|o| o.to_id_string() == OID_TCG_KP_EK_CERTIFICATE)
-                {
-                    return Err(AttestError::EkCertInvalid(
-                        "the certificate has an extended key usage without tcg-kp-EKCertificate (2.23.133.8.1): it is not an EK certificate".into(),
-                    ));
-                }
+                    .any(|o| o.to_id_string() == OID_TCG_KP_EK_CERTIFICATE) =>
+            {
+                return Err(AttestError::EkCertInvalid(
+                    "the certificate has an extended key usage without tcg-kp-EKCertificate (2.23.133.8.1): it is not an EK certificate".into(),
+                ));
             }
             ParsedExtension::ParseError { error } if ext.oid.to_id_string() == "2.5.29.37" => {
                 return Err(AttestError::EkCertInvalid(format!(
