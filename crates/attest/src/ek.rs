@@ -309,6 +309,21 @@ impl EkCert {
     }
 }
 
+impl EkCert {
+    /// Check the EK algorithm a device claims (`ek_alg` on the wire) against the
+    /// certificate's key: the certificate decides, a mismatch is refused (`ek_cert_invalid`).
+    pub fn require_alg(&self, claimed: EkAlg) -> Result<()> {
+        if self.public.alg == claimed {
+            Ok(())
+        } else {
+            Err(AttestError::EkCertInvalid(format!(
+                "the device says ek_alg {claimed} but the certificate holds a {} key",
+                self.public.alg
+            )))
+        }
+    }
+}
+
 /// The result of a successful chain check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trusted {
@@ -330,7 +345,8 @@ pub struct EkRoots {
 impl EkRoots {
     /// Every `CERTIFICATE` PEM block of every `*.pem` / `*.crt` file in `dir` (not recursive).
     /// An unreadable file or a broken block is an error: a trust set is configuration.
-    pub fn from_pem_dir(dir: &Path) -> Result<EkRoots> {
+    pub fn from_pem_dir(dir: impl AsRef<Path>) -> Result<EkRoots> {
+        let dir = dir.as_ref();
         let entries = std::fs::read_dir(dir).map_err(|e| {
             AttestError::EkRootsInvalid(format!("cannot read {}: {e}", dir.display()))
         })?;
