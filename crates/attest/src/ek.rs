@@ -8,7 +8,10 @@
 //! signature checked (RSA PKCS#1 v1.5 with SHA-256/384/512, ECDSA P-256/P-384 with
 //! SHA-256/384; SHA-1 and anything else refused), intermediates untrusted and required to be
 //! CAs (basicConstraints cA), at most [`MAX_CHAIN_DEPTH`] intermediates, the TCG EK EKU
-//! (2.23.133.8.1) required when the EK certificate has an EKU extension.
+//! (2.23.133.8.1) required when the EK certificate has an EKU extension. Not checked:
+//! pathLenConstraint, keyUsage and name constraints of the CAs, and revocation (no CRL or
+//! OCSP fetch: the server never follows URLs found in certificates). Roots are trust anchors
+//! as configured; their own signature and extensions are not examined.
 //!
 //! **Validity periods are logged, not enforced** (many EK chains carry odd dates, and a TPM
 //! outlives its certificate's notAfter): [`Trusted::outside_validity`] lists every certificate
