@@ -123,14 +123,14 @@ fn an_intermediate_that_is_not_a_ca_is_refused() {
     let not_ca = sub("end entity", &r, false);
     let ek = ek_cert(&not_ca, tcg_eku());
     let e = roots
-        .verify(&ek, &[not_ca.der.clone()], SystemTime::now())
+        .verify(&ek, std::slice::from_ref(&not_ca.der), SystemTime::now())
         .unwrap_err();
     assert_eq!(e.code(), "ek_untrusted", "{e}");
     // The same shape with a CA intermediate is accepted.
     let ca = sub("end entity", &r, true);
     let ek = ek_cert(&ca, tcg_eku());
     roots
-        .verify(&ek, &[ca.der.clone()], SystemTime::now())
+        .verify(&ek, std::slice::from_ref(&ca.der), SystemTime::now())
         .unwrap();
 }
 
@@ -148,7 +148,7 @@ fn an_impostor_ca_with_the_roots_name_is_refused() {
     );
     assert_eq!(
         roots
-            .verify(&ek, &[impostor.der.clone()], now)
+            .verify(&ek, std::slice::from_ref(&impostor.der), now)
             .unwrap_err()
             .code(),
         "ek_untrusted"
