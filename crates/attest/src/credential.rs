@@ -317,8 +317,8 @@ fn ecc_seed<T: AsRef<[u8]>>(
 mod tests {
     use super::*;
 
-    // Known answers computed independently with the Python `cryptography`/`hmac`/`hashlib`
-    // reference of the TPM spec's KDFs (run once by hand; see ARCHITECTURE.md, devid-attest).
+    // Known answers computed independently, once by hand, with Python's hmac/hashlib and the
+    // `cryptography` package's AES-CFB, from the TPM 2.0 Part 1 definitions of KDFa and KDFe.
     #[test]
     fn kdfa_known_answers() {
         let k = kdfa(ALG_SHA256, &[0x01; 32], b"STORAGE", &[0xab; 34], &[], 128).unwrap();

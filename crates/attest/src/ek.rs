@@ -8,7 +8,10 @@
 //! signature checked (RSA PKCS#1 v1.5 with SHA-256/384/512, ECDSA P-256/P-384 with
 //! SHA-256/384; SHA-1 and anything else refused), intermediates untrusted and required to be
 //! CAs (basicConstraints cA), at most [`MAX_CHAIN_DEPTH`] intermediates, the TCG EK EKU
-//! (2.23.133.8.1) required when the EK certificate has an EKU extension.
+//! (2.23.133.8.1) required when the EK certificate has an EKU extension. Not checked:
+//! pathLenConstraint, keyUsage and name constraints of the CAs, and revocation (no CRL or
+//! OCSP fetch: the server never follows URLs found in certificates). Roots are trust anchors
+//! as configured; their own signature and extensions are not examined.
 //!
 //! **Validity periods are logged, not enforced** (many EK chains carry odd dates, and a TPM
 //! outlives its certificate's notAfter): [`Trusted::outside_validity`] lists every certificate
@@ -309,6 +312,21 @@ impl EkCert {
     }
 }
 
+impl EkCert {
+    /// Check the EK algorithm a device claims (`ek_alg` on the wire) against the
+    /// certificate's key: the certificate decides, a mismatch is refused (`ek_cert_invalid`).
+    pub fn require_alg(&self, claimed: EkAlg) -> Result<()> {
+        if self.public.alg == claimed {
+            Ok(())
+        } else {
+            Err(AttestError::EkCertInvalid(format!(
+                "the device says ek_alg {claimed} but the certificate holds a {} key",
+                self.public.alg
+            )))
+        }
+    }
+}
+
 /// The result of a successful chain check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trusted {
@@ -330,7 +348,8 @@ pub struct EkRoots {
 impl EkRoots {
     /// Every `CERTIFICATE` PEM block of every `*.pem` / `*.crt` file in `dir` (not recursive).
     /// An unreadable file or a broken block is an error: a trust set is configuration.
-    pub fn from_pem_dir(dir: &Path) -> Result<EkRoots> {
+    pub fn from_pem_dir(dir: impl AsRef<Path>) -> Result<EkRoots> {
+        let dir = dir.as_ref();
         let entries = std::fs::read_dir(dir).map_err(|e| {
             AttestError::EkRootsInvalid(format!("cannot read {}: {e}", dir.display()))
         })?;

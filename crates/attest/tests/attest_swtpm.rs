@@ -267,7 +267,24 @@ fn ek_certs_from_nv_parse_and_chain_to_the_test_ca_only() {
             "ek_cert_invalid"
         );
 
+        ek.require_alg(alg).unwrap();
+        let wrong_alg = if alg == EkAlg::Rsa2048 {
+            EkAlg::EccP384
+        } else {
+            EkAlg::Rsa2048
+        };
+        assert_eq!(
+            ek.require_alg(wrong_alg).unwrap_err().code(),
+            "ek_cert_invalid"
+        );
+
         let now = SystemTime::now();
+        // Validity is reported, not enforced: in 1971 every certificate is not yet valid.
+        let past = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(365 * 86400);
+        let t = roots
+            .verify(&ek, std::slice::from_ref(&issuer), past)
+            .unwrap();
+        assert_eq!(t.outside_validity.len(), 3, "{:?}", t.outside_validity);
         let t = roots
             .verify(&ek, std::slice::from_ref(&issuer), now)
             .unwrap();
@@ -369,7 +386,8 @@ fn activate(b: &Bench, ek_handle: &str, ak_ctx: &str, blob: &[u8]) -> Option<Vec
     let out = b.p("out");
     let _ = std::fs::remove_file(&out);
     std::fs::write(&cred, blob).unwrap();
-    let ok = if ek_handle == "0x81010001" {
+    let low_range = ek_handle == "0x81010001" || ek_handle.ends_with("ek256.ctx");
+    let ok = if low_range {
         // Low-range EK: userWithAuth clear, PolicySecret(TPM_RH_ENDORSEMENT) session.
         let s = b.p("s.ctx");
         b.tpm
@@ -488,6 +506,39 @@ fn make_credential_activates_on_swtpm_for_rsa2048_and_p384_eks() {
             ),
         }
     }
+}
+
+/// swtpm ships no P-256 EK certificate; the low-range P-256 EK (template L-2) made by
+/// `tpm2 createek -G ecc` still lets the P-256 path of make_credential meet a real TPM. Its
+/// key comes from the TPM's public area here, since there is no certificate.
+#[test]
+fn make_credential_activates_on_swtpm_for_a_p256_ek() {
+    let b = Bench::new();
+    let ak = check_ak(&b.create_ak("ak", "ecc", "ecdsa")).unwrap();
+    let (ek_ctx, ek_pub) = (b.p("ek256.ctx"), b.p("ek256.pub"));
+    b.run(&["createek", "-G", "ecc", "-c", &ek_ctx, "-u", &ek_pub]);
+    let tpm_ek = TpmtPublic::parse(&strip_tpm2b(&std::fs::read(&ek_pub).unwrap())).unwrap();
+    assert_eq!(tpm_ek.name_alg, EkAlg::EccP256.name_alg());
+    assert_eq!(
+        tpm_ek.symmetric.map(|s| s.1),
+        Some(EkAlg::EccP256.sym_key_bits())
+    );
+    let KeyAlg::Ecc { x, y, .. } = &tpm_ek.alg else {
+        panic!("not an ECC EK")
+    };
+    let mut sec1 = vec![4u8];
+    sec1.extend_from_slice(x);
+    sec1.extend_from_slice(y);
+    let ek = devid_attest::ek::EkPublic {
+        alg: EkAlg::EccP256,
+        key: EkKey::P256(p256::PublicKey::from_sec1_bytes(&sec1).unwrap()),
+    };
+    let secret = [0x5au8; 32];
+    let cred = make_credential(&ek, ak.name(), &secret, &mut OsRng).unwrap();
+    assert_eq!(cred.encrypted_secret.len(), 4 + 2 * 32);
+    // createek saved a context, not a persistent handle: the low-range policy path applies.
+    let got = activate(&b, &ek_ctx, &b.p("ak.ctx"), &cred.to_tpm2_tools_blob());
+    assert_eq!(got.as_deref(), Some(&secret[..]));
 }
 
 fn ak_from(b: &Bench, tag: &str, alg: &str, scheme: &str) -> AkKey {

@@ -2,6 +2,9 @@
 //!
 //! * [`swtpm::Swtpm`]: a software TPM 2.0 on two consecutive free loopback ports, fresh state,
 //!   killed on drop.
+//!   [`swtpm::Swtpm::start_manufactured`] gives one with EK certificates (RSA-2048, P-384) issued
+//!   by a hermetic [`swtpm::TpmCa`] (swtpm's local CA in a temp dir; [`swtpm::shared_tpm_ca`]
+//!   is one per test binary).
 //! * [`proxy::RecordingProxy`]: a TCP proxy that forwards a swtpm's data and control ports
 //!   and records every byte of the data channel (the "bus" of THREATS.md T5).
 //! * [`softhsm`]: SoftHSMv2 tokens in a temp dir (module in its folder).
