@@ -51,6 +51,13 @@ fn captured_swtpm_structures_verify() {
         Attested::Quote { .. }
     ));
 
+    // The Name of a known public area: the TPM put it in its Certify.
+    let Attested::Certify { name, .. } = TpmsAttest::parse(CERTIFY_ECC).unwrap().attested else {
+        panic!("not a certify")
+    };
+    assert_eq!(TpmtPublic::parse(KEY).unwrap().name().unwrap(), name);
+    assert_eq!(devid_attest::wire::name_of(KEY, 0x000b).unwrap(), name);
+
     let ak = check_ak(AK).unwrap();
     let ak_rsa = check_ak(AK_RSA).unwrap();
     verify_certify(&ak, CERTIFY_ECC, SIG_ECC, TOOLS_EXTRA, KEY).unwrap();
