@@ -10,9 +10,10 @@
 //! 2. **AK → same TPM as that EK**: [`verify::check_ak`] checks the AK's public area
 //!    (restricted signing, fixedTPM, ...), [`credential::make_credential`] encrypts a secret to
 //!    the EK bound to the AK's Name (what `TPM2_MakeCredential` does, in software); the device
-//!    proves it could `TPM2_ActivateCredential` it ([`verify::activation_proof`]).
+//!    proves it could `TPM2_ActivateCredential` it (`devid_proto::attest_binding::activation_proof`).
 //! 3. **Device key → same TPM, non-exportable**: [`verify::verify_certify`] checks a
-//!    `TPM2_Certify` of the device key signed by that AK over [`verify::qualifying_data`].
+//!    `TPM2_Certify` of the device key signed by that AK over
+//!    `devid_proto::attest_binding::qualifying_data`.
 //!
 //! Invariants: every parser rejects trailing bytes and over-long fields; EK protection
 //! parameters (name hash, AES key size) always come from the standard EK template for the
@@ -20,8 +21,8 @@
 //! refusal is its own [`AttestError`] variant with a stable [`AttestError::code`]; secrets,
 //! seeds and derived keys are zeroized.
 //!
-//! The device side links this crate too (for [`verify::qualifying_data`],
-//! [`verify::activation_proof`] and [`ek::EkAlg`]), so it stays light: no async runtime, no I/O
+//! The device never links it: the device side is tss-esapi in `devid-keystore-tpm`, and the
+//! bindings both sides compute are in `devid-proto`. It stays light anyway: no async runtime, no I/O
 //! besides [`ek::EkRoots::from_pem_dir`].
 
 #![forbid(unsafe_code)]

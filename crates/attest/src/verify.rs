@@ -1,10 +1,10 @@
-//! The server's policy checks on the AK and on the TPM2_Certify of the device key, and the
-//! small bindings both sides compute ([`qualifying_data`], [`activation_proof`]).
+//! The server's policy checks on the AK and on the TPM2_Certify of the device key. The small
+//! bindings both sides compute (qualifying data, activation proof) are part of the wire
+//! contract: `devid_proto::attest_binding`.
 //!
 //! Each failed check is its own [`AttestError`] variant (its own reason code), checked in the
 //! order the functions document.
 
-use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::Verifier;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::pkcs8::DecodePublicKey;
@@ -354,73 +354,9 @@ pub fn verify_ak_signature(ak: &AkKey, message: &[u8], signature: &[u8]) -> Resu
     }
 }
 
-fn put_len_prefixed(h: &mut Sha256, b: &[u8]) {
-    // Both values are short and server-made (a challenge id, a 32-byte secret); a length
-    // above 65535 saturates, which cannot make two real inputs collide.
-    let n = u16::try_from(b.len()).unwrap_or(u16::MAX);
-    h.update(n.to_be_bytes());
-    h.update(b);
-}
-
-/// The qualifying data of the device key's Certify: SHA-256("devid-attest-v1" || u16 len ||
-/// challenge_id || u16 len || secret || SHA-256(csr_der)). It binds the Certify to this
-/// challenge (and so to the activated AK), the credential secret and the CSR.
-pub fn qualifying_data(challenge_id: &str, secret: &[u8], csr_der: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"devid-attest-v1");
-    put_len_prefixed(&mut h, challenge_id.as_bytes());
-    put_len_prefixed(&mut h, secret);
-    h.update(Sha256::digest(csr_der));
-    h.finalize().into()
-}
-
-/// What the device sends to show it activated the credential (never the secret itself):
-/// HMAC-SHA256(key = secret, "devid-activate" || challenge_id).
-pub fn activation_proof(secret: &[u8], challenge_id: &str) -> [u8; 32] {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(b"devid-activate");
-    mac.update(challenge_id.as_bytes());
-    mac.finalize().into_bytes().into()
-}
-
-/// Constant-time equality of two proofs (false when the lengths differ).
-pub fn proof_matches(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn qualifying_data_is_length_prefixed() {
-        let a = qualifying_data("ab", b"c", b"csr");
-        let b = qualifying_data("a", b"bc", b"csr");
-        assert_ne!(a, b);
-        assert_ne!(a, qualifying_data("ab", b"c", b"csr2"));
-        assert_eq!(a, qualifying_data("ab", b"c", b"csr"));
-        // Independent computation of the definition.
-        let mut m = b"devid-attest-v1".to_vec();
-        m.extend_from_slice(&[0, 2]);
-        m.extend_from_slice(b"ab");
-        m.extend_from_slice(&[0, 1]);
-        m.extend_from_slice(b"c");
-        m.extend_from_slice(&Sha256::digest(b"csr"));
-        assert_eq!(a.as_slice(), &Sha256::digest(&m)[..]);
-    }
-
-    #[test]
-    fn activation_proof_known_answer_and_compare() {
-        // HMAC-SHA256(key = 32 x 0x42, "devid-activate" || "c1"), computed with Python's hmac.
-        let p = activation_proof(&[0x42; 32], "c1");
-        assert_eq!(hex::encode(p), ACTIVATION_PROOF_KAT);
-        assert!(proof_matches(&p, &p));
-        let mut q = p;
-        q[31] ^= 1;
-        assert!(!proof_matches(&p, &q));
-        assert!(!proof_matches(&p, &p[..31]));
-    }
 
     #[test]
     fn attribute_problems_name_the_bits() {
@@ -439,7 +375,4 @@ mod tests {
         assert_eq!(scalar32(&[1]).unwrap()[31], 1);
         assert!(scalar32(&[1; 33]).is_none());
     }
-
-    const ACTIVATION_PROOF_KAT: &str =
-        "27e55a90dded8fe7da41b41124be39c891c98b554bce30b5f3c013e73c09200f";
 }

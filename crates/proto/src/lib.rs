@@ -207,6 +207,28 @@ pub mod attest_binding {
         use super::*;
 
         #[test]
+        fn known_answers() {
+            // HMAC-SHA256(key = 32 x 0x42, "devid-activate" || "c1"), computed with Python's hmac.
+            let p = activation_proof(&[0x42; 32], "c1");
+            let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(
+                hex,
+                "27e55a90dded8fe7da41b41124be39c891c98b554bce30b5f3c013e73c09200f"
+            );
+            // the definition, computed independently
+            let mut m = b"devid-attest-v1".to_vec();
+            m.extend_from_slice(&[0, 2]);
+            m.extend_from_slice(b"ab");
+            m.extend_from_slice(&[0, 1]);
+            m.extend_from_slice(b"c");
+            m.extend_from_slice(&Sha256::digest(b"csr"));
+            assert_eq!(
+                qualifying_data("ab", b"c", b"csr").as_slice(),
+                &Sha256::digest(&m)[..]
+            );
+        }
+
+        #[test]
         fn proof_checks_secret_and_challenge() {
             let p = activation_proof(b"s3cret", "c1");
             let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
