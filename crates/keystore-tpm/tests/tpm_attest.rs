@@ -10,7 +10,7 @@ use std::process::Command;
 
 use devid_attest::ek::EkCert;
 use devid_attest::verify::{check_ak, verify_certify};
-use devid_keystore::{spki_der, KeyAttestation, KeyRotation, Keystore};
+use devid_keystore::{spki_der, Keystore};
 use devid_keystore_tpm::{TpmInitOptions, TpmKeystore};
 use devid_testkit::contains;
 use devid_testkit::proxy::RecordingProxy;
