@@ -8,8 +8,9 @@ use std::time::SystemTime;
 
 use devid_attest::credential::make_credential;
 use devid_attest::ek::{EkAlg, EkCert, EkKey, EkRoots};
-use devid_attest::verify::{check_ak, qualifying_data, verify_certify, AkKey};
+use devid_attest::verify::{check_ak, verify_certify, AkKey};
 use devid_attest::wire::{KeyAlg, TpmsAttest, TpmtPublic};
+use devid_proto::attest_binding::qualifying_data;
 use devid_testkit::swtpm::{shared_tpm_ca, Swtpm, TpmCa};
 use rand_core::OsRng;
 
