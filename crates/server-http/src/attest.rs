@@ -15,7 +15,6 @@
 //! Each refusal has its own code and an audit row (aggregated per source like the other
 //! refusals found before the registry).
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::Bytes;
@@ -24,7 +23,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use base64::Engine as _;
-use devid_attest::ek::{EkAlg, EkCert, EkRoots};
+use devid_attest::ek::{EkAlg, EkCert};
+
+pub use crate::attest_policy::AttestPolicy;
 use devid_attest::verify::{check_ak, verify_certify};
 use devid_attest::AttestError;
 use devid_ca::csr::VerifiedCsr;
@@ -40,31 +41,6 @@ use crate::state::{HttpState, PeerInfo};
 
 /// How long a challenge can be answered.
 pub const CHALLENGE_TTL_MS: i64 = 5 * 60 * 1000;
-
-/// The attestation settings in force: the mode and the EK trust bundle.
-#[derive(Debug, Clone, Default)]
-pub struct AttestPolicy {
-    /// `attestation.mode`.
-    pub mode: AttestationMode,
-    /// The TPM makers' roots (`attestation.ek_roots`); empty: only allowlisted EKs.
-    pub roots: Arc<EkRoots>,
-}
-
-impl AttestPolicy {
-    /// From the config: reads every PEM file of `attestation.ek_roots`.
-    pub fn from_config(
-        config: &devid_server_config::ServerConfig,
-    ) -> Result<AttestPolicy, AttestError> {
-        let roots = match config.ek_roots_dir() {
-            Some(dir) => EkRoots::from_pem_dir(&dir)?,
-            None => EkRoots::default(),
-        };
-        Ok(AttestPolicy {
-            mode: config.attestation.mode,
-            roots: Arc::new(roots),
-        })
-    }
-}
 
 fn refused(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, code, message)

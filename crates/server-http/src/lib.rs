@@ -15,6 +15,7 @@
 
 mod admin;
 pub mod attest;
+mod attest_policy;
 mod auth;
 mod enroll;
 mod error;

@@ -42,7 +42,7 @@ pub struct HttpState {
     /// The HTTPS API's own counters (appended to `GET /metrics` by the root).
     pub http_metrics: Arc<crate::limits::HttpMetrics>,
     /// TPM key attestation: mode and EK trust bundle.
-    pub attest: Arc<crate::attest::AttestPolicy>,
+    pub attest: Arc<crate::attest_policy::AttestPolicy>,
     /// What the root knows about readiness besides the database (`GET /readyz`): `Err(check)`
     /// names what is down (e.g. `mqtt_listener`).
     pub readiness: Readiness,
