@@ -264,11 +264,26 @@ pub fn enroll(
     csr_pem: &str,
     device_id: Option<&str>,
 ) -> Result<EnrollResponse, EnrollError> {
+    enroll_reporting(server_url, token, ca_pin_hex, csr_pem, device_id, None)
+}
+
+/// [`enroll`], also reporting the keystore backend (`tpm`, `pkcs11`, `soft`) the key lives
+/// in; the server records it as *reported* (the operator's console shows it beside what
+/// attestation proved).
+pub fn enroll_reporting(
+    server_url: &str,
+    token: &str,
+    ca_pin_hex: &str,
+    csr_pem: &str,
+    device_id: Option<&str>,
+    key_backend: Option<&str>,
+) -> Result<EnrollResponse, EnrollError> {
     let c = client(server_url, ca_pin_hex, None)?;
     let mut req = EnrollRequest {
         token: token.to_owned(),
         csr: csr_pem.to_owned(),
         device_id: device_id.map(str::to_owned),
+        key_backend: key_backend.map(str::to_owned),
     };
     // the body holds the token: both are wiped once sent
     let body = zeroize::Zeroizing::new(

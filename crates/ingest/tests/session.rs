@@ -134,6 +134,7 @@ impl Node {
             requested_id: Some(&device),
             key_fingerprint: &fp,
             ctx: &c,
+            reported_backend: None,
         };
         let ca = self.ca.clone();
         let mut issue = |d: &DeviceId| {

@@ -123,6 +123,10 @@ pub struct EnrollRequest {
     /// with 403 when it differs from that id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    /// The keystore backend the device uses (`tpm`, `pkcs11`, `soft`), as it reports it: the
+    /// registry keeps it labelled as reported (only attestation proves a TPM key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_backend: Option<String>,
 }
 
 impl fmt::Debug for EnrollRequest {
@@ -131,6 +135,7 @@ impl fmt::Debug for EnrollRequest {
             .field("token", &"<redacted>")
             .field("csr_len", &self.csr.len())
             .field("device_id", &self.device_id)
+            .field("key_backend", &self.key_backend)
             .finish()
     }
 }
@@ -227,6 +232,14 @@ pub struct DeviceInfo {
     pub enrolled_at: String,
     /// When the device was last seen (enrolment, renewal, connection).
     pub last_seen: String,
+    /// The assurance level the server verified for the device key (attestation), e.g.
+    /// `ek-cert`, `ek-allowlist`; `none` when nothing was proven.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assurance: Option<String>,
+    /// The keystore backend the device *reported* at enrolment (`tpm`, `pkcs11`, `soft`): a
+    /// claim nothing proves. Absent for devices that did not report one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_backend: Option<String>,
 }
 
 /// `POST /v1/admin/tokens` request body.

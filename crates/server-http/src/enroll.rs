@@ -47,9 +47,15 @@ pub(crate) async fn enroll(
         let req: EnrollRequest = parse_body(body)?;
         let requested = req.device_id.as_deref().map(parse_device_id).transpose()?;
         let csr = check_csr(&req.csr)?;
-        Ok::<_, ApiError>((req.token, requested, csr))
+        // a name outside the known set is kept as nothing (never echoed or logged)
+        let backend = req
+            .key_backend
+            .as_deref()
+            .and_then(|b| devid_store::REPORTED_BACKENDS.iter().find(|k| **k == b))
+            .copied();
+        Ok::<_, ApiError>((req.token, requested, csr, backend))
     })();
-    let (token_text, requested, csr) = match checked {
+    let (token_text, requested, csr, backend) = match checked {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(source = %ctx.source, code = e.code, "enrolment refused");
@@ -73,6 +79,7 @@ pub(crate) async fn enroll(
             requested_id: requested.as_ref(),
             key_fingerprint: &csr.key_fingerprint,
             ctx: &ctx,
+            reported_backend: backend,
         };
         let mut issue = |id: &DeviceId| {
             st.ca

@@ -26,6 +26,18 @@ impl StateChangeSink for Changes {
     }
 }
 
+/// No MQTT listener in these tests: nothing is ever connected.
+struct NoSessions;
+
+impl devid_store::Presence for NoSessions {
+    fn connected(&self, _id: &str) -> bool {
+        false
+    }
+    fn connected_count(&self) -> usize {
+        0
+    }
+}
+
 struct Api {
     _dir: tempfile::TempDir,
     state: HttpState,
@@ -68,6 +80,8 @@ impl Api {
                 "localhost".into(),
             )),
             live: changes.clone(),
+            presence: Arc::new(NoSessions),
+            console: Arc::new(devid_server_http::ConsoleSessions::default()),
             messages: Arc::new(SqliteMessageStore::open(&db).unwrap()),
             stream,
             metrics: Arc::new(|| "# EOF\n".to_owned()),

@@ -6,6 +6,7 @@
 //!   and records every byte of the data channel (the "bus" of THREATS.md T5).
 //! * [`softhsm`]: SoftHSMv2 tokens in a temp dir (module in its folder).
 //! * [`postgres::PgCluster`]: a throwaway PostgreSQL cluster on a free loopback port.
+//! * [`browser::Browser`]: headless Chromium through ChromeDriver, trusting a given CA.
 //!
 //! Nothing here is a mock: each helper starts the real program and fails loudly when it is
 //! missing, naming the Debian package to install.
@@ -15,6 +16,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod postgres;
 pub mod proxy;
 pub mod server;

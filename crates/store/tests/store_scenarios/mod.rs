@@ -56,6 +56,7 @@ pub fn enroll(
         requested_id: requested.as_ref(),
         key_fingerprint: "fp",
         ctx: &c,
+        reported_backend: Some("tpm"),
     };
     let mut issue = |id: &DeviceId| {
         ca.issue_device(id, &spki, Duration::from_secs(3600), c.now_ms)
