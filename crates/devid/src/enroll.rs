@@ -29,7 +29,7 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
     let backend = ks.kind().as_str();
     let resp =
         devid_enroll::enroll_reporting(&args.server, &token, &pin, &csr, wanted_id, Some(backend))
-        .with_context(|| format!("enrolment with {} failed", args.server))?;
+            .with_context(|| format!("enrolment with {} failed", args.server))?;
 
     let ca_pem = check_chain(&resp.certificate_chain, &pin, &resp.device_id, ks.as_ref())?;
     drop(contents);

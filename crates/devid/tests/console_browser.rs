@@ -158,7 +158,10 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
         json!([]),
     );
     assert_eq!(ids, json!(["console-tpm-1"]));
-    b.goto(&format!("{}/console/devices?sort=id&dir=desc", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices?sort=id&dir=desc",
+        server.admin_url
+    ));
     let ids = b.exec(
         "return [...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.id)",
         json!([]),
@@ -167,7 +170,10 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
     b.screenshot(&artifacts().join("console-devices.png"));
 
     // the device page: certificate, fingerprint, and the live chart filling as the agent sends
-    b.goto(&format!("{}/console/devices/console-tpm-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-tpm-1",
+        server.admin_url
+    ));
     assert_eq!(b.text("#state"), "active");
     assert_eq!(b.text("#fingerprint").len(), 64);
     b.wait_until(
@@ -205,7 +211,7 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
         "{chart}"
     );
     assert!(b.text("#messages").contains("\"fw\":\"1.2.3\""));
-    b.screenshot(&artifacts().join("console-device.png"));
+    b.screenshot_full(&artifacts().join("console-device.png"), W, H);
 
     // revoke in the page, through the confirmation step
     b.click("#act-revoke");
@@ -244,7 +250,11 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
 
     // the overview: counts, security events with the credential's name
     b.goto(&format!("{}/console/overview", server.admin_url));
-    assert!(b.text("#by-state").contains("revoked 1"), "{}", b.text("#by-state"));
+    assert!(
+        b.text("#by-state").contains("revoked 1"),
+        "{}",
+        b.text("#by-state")
+    );
     let security = b.text("#security");
     assert!(
         security.contains("device.revoke") && security.contains("admin:admin"),
@@ -256,7 +266,7 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
         "return document.getElementById('m-message-rate').textContent",
         |v| v.as_str().is_some_and(|s| s.parse::<f64>().is_ok()),
     );
-    b.screenshot(&artifacts().join("console-overview.png"));
+    b.screenshot_full(&artifacts().join("console-overview.png"), W, H);
 
     // every console action is in the audit log under the credential's name
     let out = server.cli(&["audit", "--json"]);
@@ -278,7 +288,11 @@ fn console_read_only_sees_everything_and_every_change_is_refused_server_side() {
     let server = server_for_tests(None);
     let _d = soft_device(&server, "console-ro-1");
     let out = server.cli(&["credential", "create", "viewer", "--read-only"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let viewer = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
@@ -292,11 +306,17 @@ fn console_read_only_sees_everything_and_every_change_is_refused_server_side() {
     // it sees the devices and the device page ...
     let r = row(&b, &server, "console-ro-1");
     assert_eq!(r["state"], "active");
-    b.goto(&format!("{}/console/devices/console-ro-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-ro-1",
+        server.admin_url
+    ));
     assert_eq!(b.text("#state"), "active");
     // ... is offered no change ...
     for css in ["#act-suspend", "#act-revoke", "#token-form"] {
-        assert!(b.find(css).is_none(), "{css} shown to a read-only credential");
+        assert!(
+            b.find(css).is_none(),
+            "{css} shown to a read-only credential"
+        );
     }
     // ... and the server refuses every change posted with its session and a valid CSRF
     // token (not only hidden buttons)
@@ -311,7 +331,10 @@ fn console_read_only_sees_everything_and_every_change_is_refused_server_side() {
         json!([]),
     );
     assert_eq!(statuses, json!([403, 403, 403, 403]));
-    b.goto(&format!("{}/console/devices/console-ro-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-ro-1",
+        server.admin_url
+    ));
     assert_eq!(b.text("#state"), "active", "nothing changed");
     let out = server.cli(&["audit", "--json"]);
     let audit: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
@@ -328,14 +351,7 @@ fn console_read_only_sees_everything_and_every_change_is_refused_server_side() {
     let cookie = session_cookie(&b);
     b.click("nav form button");
     assert_eq!(page_of(&b), "login");
-    let (code, _) = curl(
-        &server,
-        &cookie,
-        None,
-        "GET",
-        "/console/overview.json",
-        "",
-    );
+    let (code, _) = curl(&server, &cookie, None, "GET", "/console/overview.json", "");
     assert_eq!(code, 401, "the old cookie no longer works");
 }
 
@@ -399,7 +415,10 @@ fn console_renders_hostile_payloads_and_topics_as_text() {
     });
     let b = browser(&server);
     login(&b, &server, &admin_token(&server));
-    b.goto(&format!("{}/console/devices/console-xss-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-xss-1",
+        server.admin_url
+    ));
     b.wait_until(
         "the live stream",
         Duration::from_secs(15),
@@ -415,7 +434,10 @@ fn console_renders_hostile_payloads_and_topics_as_text() {
             "telemetry/<img src=x onerror=window.__xss=2>",
             "<img src=x onerror=\"window.__xss=2;alert(2)\">",
         ),
-        ("telemetry/&lt;b&gt;&amp;", "&lt;b&gt;bold&lt;/b&gt; &amp; &#60;i&#62;"),
+        (
+            "telemetry/&lt;b&gt;&amp;",
+            "&lt;b&gt;bold&lt;/b&gt; &amp; &#60;i&#62;",
+        ),
         (
             "telemetry/json",
             "{\"<img src=x onerror=window.__xss=3>\": 5, \"ok\": 1}",
@@ -437,7 +459,10 @@ fn console_renders_hostile_payloads_and_topics_as_text() {
         |v| v.as_u64().unwrap_or(0) >= 4,
     );
     // reload too: the listing path renders them as well
-    b.goto(&format!("{}/console/devices/console-xss-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-xss-1",
+        server.admin_url
+    ));
     b.wait_until(
         "the listing",
         Duration::from_secs(20),
@@ -455,7 +480,10 @@ fn console_renders_hostile_payloads_and_topics_as_text() {
     );
     assert_eq!(seen["xss"], "undefined", "an injected script ran: {seen}");
     assert!(b.alert_text().is_none(), "an alert is open");
-    assert_eq!(seen["injected"], 0, "markup from a device became elements: {seen}");
+    assert_eq!(
+        seen["injected"], 0,
+        "markup from a device became elements: {seen}"
+    );
     for (topic, payload) in &hostile {
         assert!(
             seen["payloads"]
@@ -572,7 +600,10 @@ fn console_refuses_a_state_change_from_another_origin_or_without_the_csrf_token(
     let _d = soft_device(&server, "console-csrf-1");
     let b = browser(&server);
     login(&b, &server, &admin_token(&server));
-    b.goto(&format!("{}/console/devices/console-csrf-1", server.admin_url));
+    b.goto(&format!(
+        "{}/console/devices/console-csrf-1",
+        server.admin_url
+    ));
     let csrf = b
         .exec(
             "return document.querySelector('meta[name=csrf-token]').content",
@@ -582,7 +613,10 @@ fn console_refuses_a_state_change_from_another_origin_or_without_the_csrf_token(
         .unwrap()
         .to_owned();
     let cookie = session_cookie(&b);
-    let target = format!("{}/console/devices/console-csrf-1/suspend", server.admin_url);
+    let target = format!(
+        "{}/console/devices/console-csrf-1/suspend",
+        server.admin_url
+    );
 
     // 1. a form on another origin, submitted in the signed-in browser
     let (port, stop, h) = attacker_page(target);
@@ -621,9 +655,7 @@ fn console_refuses_a_state_change_from_another_origin_or_without_the_csrf_token(
         assert!(
             audit.iter().any(|a| a["action"] == "device.suspend"
                 && a["outcome"] == "refused"
-                && a["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with(code))),
+                && a["detail"].as_str().is_some_and(|d| d.starts_with(code))),
             "{code} refusal audited"
         );
     }
@@ -726,7 +758,10 @@ fn console_devices_page_with_100000_devices_loads_fast() {
             rows = v["rows"].as_u64().unwrap();
             if path == "/console/devices" {
                 assert!(
-                    v["count"].as_str().unwrap().starts_with("100000 devices match"),
+                    v["count"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("100000 devices match"),
                     "{v}"
                 );
             }

@@ -116,7 +116,7 @@ impl Browser {
         let resp = agent
             .post(&format!("{base}/session"))
             .send_json(caps)
-            .map_err(|e| describe(e))
+            .map_err(describe)
             .unwrap_or_else(|e| {
                 panic!(
                     "WebDriver session not created: {e}; chromedriver log: {}",
@@ -175,7 +175,11 @@ impl Browser {
 
     /// The current URL.
     pub fn url(&self) -> String {
-        self.cmd("GET", "url", Value::Null).unwrap().as_str().unwrap().to_owned()
+        self.cmd("GET", "url", Value::Null)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// The element matching `css`, if any.
@@ -303,6 +307,28 @@ impl Browser {
             std::fs::create_dir_all(p).unwrap();
         }
         std::fs::write(path, png).unwrap();
+    }
+
+    /// Save a PNG of the whole page (up to 4000 px tall) at `width`, then restore the
+    /// viewport to `width` x `height`.
+    pub fn screenshot_full(&self, path: &Path, width: u32, height: u32) {
+        let full = self
+            .exec(
+                "return Math.ceil(document.documentElement.scrollHeight)",
+                json!([]),
+            )
+            .as_u64()
+            .unwrap_or(u64::from(height))
+            .clamp(u64::from(height), 4000);
+        let metrics = |h: u64| {
+            json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {
+                "width": width, "height": h, "deviceScaleFactor": 1, "mobile": false}})
+        };
+        self.cmd("POST", "goog/cdp/execute", metrics(full)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        self.screenshot(path);
+        self.cmd("POST", "goog/cdp/execute", metrics(u64::from(height)))
+            .unwrap();
     }
 
     /// Where test artifacts (screenshots) go: `target/console-artifacts/`.

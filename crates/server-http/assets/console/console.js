@@ -50,7 +50,7 @@
     var id = el.dataset.device;
     var tbody = document.querySelector('#messages tbody');
     var live = document.getElementById('live');
-    var MAX_POINTS = 600, MAX_SERIES = 8, MAX_ROWS = 50;
+    var MAX_POINTS = 600, MAX_SERIES = 8, MAX_ROWS = 25;
     var COLORS = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2', '#4d7c0f', '#be185d'];
     var keys = [], xs = [], cols = {}, seen = {}, plot = null;
 

@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn the_embedded_uplot_is_the_one_the_readme_names() {
         let readme = include_str!("../../assets/console/README.md");
-        for (name, _, body) in super::FILES.iter().filter(|(n, _, _)| n.starts_with("uPlot")) {
+        for (name, _, body) in super::FILES
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("uPlot"))
+        {
             let h = hex::encode(Sha256::digest(body.as_bytes()));
             assert!(
                 readme.contains(&format!("{h}  {name}")),

@@ -59,12 +59,7 @@ impl Page {
 }
 
 /// A whole page: `body` is HTML already escaped where needed.
-pub(crate) fn layout(
-    title: &str,
-    page: Page,
-    user: Option<&ConsoleUser>,
-    body: &str,
-) -> Response {
+pub(crate) fn layout(title: &str, page: Page, user: Option<&ConsoleUser>, body: &str) -> Response {
     layout_status(StatusCode::OK, title, page, user, body)
 }
 

@@ -1,6 +1,10 @@
 //! The console's pages: devices, one device, the confirmation step, the fleet overview, and
 //! the data the script fetches (messages, the live stream, the overview's counters).
 
+// The helpers answer a refusal with the page itself (`Result<_, Response>`), as the handlers
+// do; a boxed response would only add an allocation per refusal.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -48,6 +52,24 @@ fn backend_label(b: Option<&str>) -> &'static str {
         Some("pkcs11") => "PKCS#11",
         Some("soft") => "software",
         _ => "not reported",
+    }
+}
+
+/// The reported backend with its label (nothing to label when nothing was reported).
+fn reported(b: Option<&str>) -> String {
+    match b {
+        Some(_) => format!("{} <small>(reported)</small>", backend_label(b)),
+        None => backend_label(b).to_owned(),
+    }
+}
+
+/// A time for a table cell: `2026-12-02 01:38:11Z`.
+pub(crate) fn when(ms: i64) -> String {
+    let s = rfc3339(ms);
+    let t = s.replacen('T', " ", 1);
+    match t.split_once('.') {
+        Some((head, _)) => format!("{head}Z"),
+        None => t,
     }
 }
 
@@ -141,7 +163,8 @@ pub(crate) async fn devices(
         )
     };
     let select = |name: &str, current: Option<&str>, options: &[(&str, &str)]| {
-        let mut s = format!("<select name=\"{name}\" id=\"f-{name}\"><option value=\"\">any</option>");
+        let mut s =
+            format!("<select name=\"{name}\" id=\"f-{name}\"><option value=\"\">any</option>");
         for (v, label) in options {
             let sel = if current == Some(*v) { " selected" } else { "" };
             let _ = write!(s, "<option value=\"{v}\"{sel}>{label}</option>");
@@ -223,7 +246,11 @@ pub(crate) async fn devices(
     body.push_str("<p class=\"pager\">");
     if page > 1 {
         extra.push(("page", (page - 1).to_string()));
-        let _ = write!(body, "<a href=\"{}\" id=\"prev\">← previous</a> ", link(&extra));
+        let _ = write!(
+            body,
+            "<a href=\"{}\" id=\"prev\">← previous</a> ",
+            link(&extra)
+        );
         extra.pop();
     }
     let _ = write!(body, "page {page} of {pages}");
@@ -241,10 +268,10 @@ fn row(body: &mut String, state: &HttpState, d: &DeviceRecord) {
     let connected = state.presence.connected(id);
     let _ = write!(
         body,
-        "<tr data-id=\"{}\" data-state=\"{}\"><td><a href=\"/console/devices/{}\">{}</a></td>\
+        "<tr data-id=\"{}\" data-state=\"{}\"><td class=\"nowrap\"><a href=\"/console/devices/{}\">{}</a></td>\
          <td class=\"state {}\">{}</td><td class=\"assurance\">{}</td>\
-         <td class=\"reported\">{} <small>(reported)</small></td><td class=\"mono\">{}</td>\
-         <td>{}</td><td>{}</td><td class=\"connected\">{}</td></tr>",
+         <td class=\"reported\">{}</td><td class=\"mono\">{}</td>\
+         <td class=\"when\">{}</td><td class=\"when\">{}</td><td class=\"connected\">{}</td></tr>",
         esc(id),
         d.state,
         url_enc(id),
@@ -252,10 +279,10 @@ fn row(body: &mut String, state: &HttpState, d: &DeviceRecord) {
         state_class(d.state),
         d.state,
         esc(ASSURANCE_NONE),
-        backend_label(d.reported_backend.as_deref()),
+        reported(d.reported_backend.as_deref()),
         esc(&d.cert_serial),
-        esc(&rfc3339(d.cert_not_after_ms)),
-        esc(&rfc3339(d.last_seen_ms)),
+        esc(&when(d.cert_not_after_ms)),
+        esc(&when(d.last_seen_ms)),
         if connected { "yes" } else { "no" },
     );
 }
@@ -268,7 +295,10 @@ fn token_form(user: &ConsoleUser, device: Option<&str>) -> String {
             .to_owned();
     }
     let id_field = match device {
-        Some(id) => format!("<input type=\"hidden\" name=\"device_id\" value=\"{}\">", esc(id)),
+        Some(id) => format!(
+            "<input type=\"hidden\" name=\"device_id\" value=\"{}\">",
+            esc(id)
+        ),
         None => "<label>Device id <input name=\"device_id\" id=\"t-id\" \
                  placeholder=\"optional: bind the token to an id\"></label>"
             .to_owned(),
@@ -343,12 +373,11 @@ pub(crate) async fn device(
          <div class=\"cards\"><section class=\"card\"><h2>Identity</h2><dl id=\"identity\">\
          <dt>State</dt><dd id=\"state\" class=\"state {}\">{}</dd>\
          <dt>Assurance <small>(verified)</small></dt><dd id=\"assurance\">{}</dd>\
-         <dt>Backend <small>(reported)</small></dt><dd id=\"reported\">{} <small>(reported \
-         by the device, not proven)</small></dd>\
+         <dt>Backend <small>(reported)</small></dt><dd id=\"reported\">{}</dd>\
          <dt>Connected now</dt><dd id=\"connected\">{}</dd>\
          <dt>Last seen</dt><dd>{}</dd><dt>Policy</dt><dd>{}</dd>\
          <dt>Created</dt><dd>{}</dd><dt>Enrolled</dt><dd>{}</dd></dl></section>\
-         <section class=\"card\"><h2>Certificate</h2><dl>\
+         <section class=\"card cert\"><h2>Certificate</h2><dl>\
          <dt>Serial</dt><dd class=\"mono\" id=\"serial\">{}</dd>\
          <dt>Expires</dt><dd id=\"expiry\">{}</dd>\
          <dt>Key fingerprint <small>(SHA-256 of the SPKI)</small></dt>\
@@ -358,14 +387,20 @@ pub(crate) async fn device(
         state_class(d.state),
         d.state,
         esc(ASSURANCE_NONE),
-        backend_label(d.reported_backend.as_deref()),
+        match d.reported_backend.as_deref() {
+            Some(b) => format!(
+                "{} <small>(reported by the device, not proven)</small>",
+                backend_label(Some(b))
+            ),
+            None => backend_label(None).to_owned(),
+        },
         if connected { "yes" } else { "no" },
-        esc(&rfc3339(d.last_seen_ms)),
+        esc(&when(d.last_seen_ms)),
         esc(&d.policy),
-        esc(&rfc3339(d.created_at_ms)),
-        esc(&rfc3339(d.enrolled_at_ms)),
+        esc(&when(d.created_at_ms)),
+        esc(&when(d.enrolled_at_ms)),
         esc(&d.cert_serial),
-        esc(&rfc3339(d.cert_not_after_ms)),
+        esc(&when(d.cert_not_after_ms)),
         esc(&d.key_fingerprint),
         match &d.predecessor {
             Some((s, _)) => format!("serial {} (until the current one is first used)", esc(s)),
@@ -433,9 +468,10 @@ pub(crate) async fn device(
 fn audit_row(body: &mut String, a: &devid_proto::AuditEntry) {
     let _ = write!(
         body,
-        "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        "<tr class=\"{}\"><td class=\"when\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+         <td>{}</td></tr>",
         if a.outcome == "ok" { "ok" } else { "refused" },
-        esc(&a.time),
+        esc(&a.time.replacen('T', " ", 1)),
         esc(&a.actor),
         esc(&a.action),
         esc(&a.outcome),
@@ -455,11 +491,15 @@ pub(crate) async fn confirm(
         Err(r) => return r,
     };
     let what = match action.as_str() {
-        "suspend" => "Suspend: its live MQTT session is cut now and it cannot connect, \
-                      renew or enrol until resumed.",
+        "suspend" => {
+            "Suspend: its live MQTT session is cut now and it cannot connect, \
+                      renew or enrol until resumed."
+        }
         "resume" => "Resume: it may connect and renew again.",
-        "revoke" => "Revoke: its live MQTT session is cut now and it can never connect, \
-                     renew or enrol again under this id. This cannot be undone.",
+        "revoke" => {
+            "Revoke: its live MQTT session is cut now and it can never connect, \
+                     renew or enrol again under this id. This cannot be undone."
+        }
         _ => return problem(StatusCode::NOT_FOUND, Some(&user), "no such action"),
     };
     if let Err(r) = load(&user, &state, &id).await {
@@ -495,9 +535,7 @@ pub(crate) async fn messages_json(
     };
     let store = state.messages.clone();
     match blocking(move || store.list(&id, None, 200)).await {
-        Ok(Ok(rows)) => {
-            Json(rows.iter().map(view_stored).collect::<Vec<_>>()).into_response()
-        }
+        Ok(Ok(rows)) => Json(rows.iter().map(view_stored).collect::<Vec<_>>()).into_response(),
         Ok(Err(e)) => crate::ApiError::from(e).into_response(),
         Err(e) => e.into_response(),
     }
@@ -633,7 +671,11 @@ pub(crate) async fn overview(user: ConsoleUser, State(state): State<HttpState>) 
         "<section class=\"card\"><h2>Devices by state</h2><table class=\"grid\" \
          id=\"by-state\"><tbody>"
     );
-    for s in [DeviceState::Active, DeviceState::Suspended, DeviceState::Revoked] {
+    for s in [
+        DeviceState::Active,
+        DeviceState::Suspended,
+        DeviceState::Revoked,
+    ] {
         let n = counts
             .by_state
             .iter()
@@ -710,7 +752,7 @@ pub(crate) async fn overview(user: ConsoleUser, State(state): State<HttpState>) 
             url_enc(d.id.as_str()),
             esc(d.id.as_str()),
             d.state,
-            esc(&rfc3339(d.cert_not_after_ms))
+            esc(&when(d.cert_not_after_ms))
         );
     }
     body.push_str(
