@@ -137,7 +137,12 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
     // a wrong credential is refused
     b.type_into("#token", &"0".repeat(64));
     b.click("#sign-in");
-    assert!(b.text("#login-error").contains("unknown or revoked"));
+    b.wait_until(
+        "the refusal on the login page",
+        Duration::from_secs(10),
+        "const e = document.getElementById('login-error'); return e ? e.textContent : ''",
+        |v| v.as_str().is_some_and(|s| s.contains("unknown or revoked")),
+    );
     login(&b, &server, &admin_token(&server));
     assert!(b.text("#who").contains("admin:admin"), "{}", b.text("#who"));
 
@@ -247,6 +252,40 @@ fn console_admin_sees_a_tpm_device_its_live_chart_and_revokes_it() {
     stop.store(true, Ordering::Relaxed);
     let sent = sender.join().unwrap();
     assert!(sent >= 5, "{sent} messages sent");
+
+    // an enrolment token from the page, shown once with the command to paste: pasted into a
+    // shell on a new (software) device, it enrols that device
+    b.goto(&format!("{}/console/devices", server.admin_url));
+    b.type_into("#t-id", "console-new-1");
+    b.click("#t-create");
+    let command = b.text("#enroll-command");
+    assert!(command.starts_with("printf %s "), "{command}");
+    assert!(
+        command.contains(&format!("--ca-pin {}", server.pin)),
+        "{command}"
+    );
+    let fresh = Devid::new();
+    fresh.run(&["init", "--backend", "soft"]).ok();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_devid"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &command])
+        .env("PATH", path)
+        .env("DEVID_STATE_DIR", &fresh.state)
+        .envs(fresh.env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the pasted command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = row(&b, &server, "console-new-1");
+    assert_eq!(r["reported"], "software (reported)", "{r}");
 
     // the overview: counts, security events with the credential's name
     b.goto(&format!("{}/console/overview", server.admin_url));
