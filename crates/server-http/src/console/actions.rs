@@ -1,5 +1,5 @@
 //! What the console's forms post: login, logout, device state changes, enrolment tokens.
-//! Each change passes [`super::check_csrf`] and then the admin API's own handler, so the role
+//! Each change passes [`super::user::check_csrf`] and then the admin API's own handler, so the role
 //! check, the audit row (`admin:<name>`) and the cut of live sessions are the same.
 
 use axum::body::Bytes;
@@ -14,7 +14,8 @@ use devid_store::{token, AuditCtx, NewAudit};
 use serde::Deserialize;
 
 use super::html::{esc, layout, layout_status, problem, url_enc, Page};
-use super::{check_csrf, same_origin, ConsoleUser, COOKIE};
+use super::session::{cookie_value, ABSOLUTE, COOKIE};
+use super::user::{check_csrf, same_origin, ConsoleUser};
 use crate::request::{audit_refusal, blocking};
 use crate::state::{HttpState, PeerInfo};
 
@@ -142,7 +143,7 @@ pub(crate) async fn login(
     let mut resp = Redirect::to("/console/devices").into_response();
     let value = format!(
         "{COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
-        super::ABSOLUTE.as_secs()
+        ABSOLUTE.as_secs()
     );
     if let Ok(v) = HeaderValue::from_str(&value) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -184,7 +185,7 @@ pub(crate) async fn logout(
     {
         return r;
     }
-    if let Some(c) = super::cookie_value(&headers) {
+    if let Some(c) = cookie_value(&headers) {
         state.console.remove(&c);
     }
     let store = state.registry.clone();

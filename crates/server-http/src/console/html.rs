@@ -5,7 +5,7 @@ use std::fmt::Write;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::ConsoleUser;
+use super::user::ConsoleUser;
 
 /// Escape text for HTML element content and double- or single-quoted attribute values.
 pub(crate) fn esc(s: &str) -> String {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::html::{esc, layout, problem, url_enc, Page};
-use super::ConsoleUser;
+use super::user::ConsoleUser;
 use crate::messages::{view_live, view_stored};
 use crate::request::blocking;
 use crate::state::HttpState;
