@@ -825,3 +825,42 @@ fn console_devices_page_with_100000_devices_loads_fast() {
         "the devices page took {worst:.0} ms with 100,000 devices:\n{report}"
     );
 }
+
+#[test]
+fn console_works_on_postgresql_too() {
+    let pg = devid_testkit::postgres::PgCluster::start();
+    let url = pg.create_database("console");
+    let server = DevidServer::start_with(&["--db", &url]);
+    let _d = soft_device(&server, "console-pg-1");
+    let b = browser(&server);
+    login(&b, &server, &admin_token(&server));
+    let r = row(&b, &server, "console-pg-1");
+    assert_eq!(r["state"], "active", "{r}");
+    assert_eq!(r["reported"], "software (reported)", "{r}");
+    b.goto(&format!(
+        "{}/console/devices?backend=soft&sort=last_seen&dir=desc",
+        server.admin_url
+    ));
+    assert!(b.text("#count").starts_with("1 devices match"));
+    b.goto(&format!(
+        "{}/console/devices/console-pg-1",
+        server.admin_url
+    ));
+    b.click("#act-suspend");
+    b.click("#confirm");
+    b.wait_until(
+        "the device page showing suspended",
+        Duration::from_secs(10),
+        "const e = document.getElementById('state'); return e ? e.textContent : ''",
+        |v| v == "suspended",
+    );
+    b.goto(&format!("{}/console/overview", server.admin_url));
+    let by_state = b.text("#by-state");
+    assert!(
+        by_state.contains("suspended 1") && by_state.contains("all 1"),
+        "{by_state}"
+    );
+    assert!(
+        b.text("#expiring").contains("console-pg-1") || b.text("#expiring-total") == "0 in all"
+    );
+}
