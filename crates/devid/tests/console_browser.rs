@@ -386,9 +386,38 @@ fn console_read_only_sees_everything_and_every_change_is_refused_server_side() {
             "{action} refusal audited"
         );
     }
-    // signing out ends the session on the server
+    // signing out ends the session on the server, and its open live stream
     let cookie = session_cookie(&b);
+    let mut stream = Command::new("curl")
+        .args([
+            "-s",
+            "-N",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "40",
+            "--cacert",
+            server.dir.join("ca.pem").to_str().unwrap(),
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", server.admin_port),
+            "-H",
+            &format!("Cookie: __Host-devid_console={cookie}"),
+            &format!("{}/console/devices/console-ro-1/stream", server.admin_url),
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(stream.try_wait().unwrap().is_none(), "the stream is open");
     b.click("nav form button");
+    let t = Instant::now();
+    while stream.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(15) {
+            let _ = stream.kill();
+            let _ = stream.wait();
+            panic!("the live stream outlived the sign-out");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(page_of(&b), "login");
     let (code, _) = curl(&server, &cookie, None, "GET", "/console/overview.json", "");
     assert_eq!(code, 401, "the old cookie no longer works");

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::html::{esc, layout, problem, url_enc, Page};
+use super::session::cookie_value;
 use super::user::ConsoleUser;
 use crate::messages::{view_live, view_stored};
 use crate::request::blocking;
@@ -547,12 +548,25 @@ pub(crate) async fn stream(
     _user: ConsoleUser,
     State(state): State<HttpState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, StatusCode> {
     let id = DeviceId::parse(&id).map_err(|_| StatusCode::BAD_REQUEST)?;
+    // the extractor found this cookie's session; the stream ends when the session does
+    // (sign-out, expiry, the credential's revocation noticed by another request)
+    let cookie = cookie_value(&headers).ok_or(StatusCode::UNAUTHORIZED)?;
+    let sessions = state.console.clone();
     let rx = state.stream.subscribe();
-    let events = futures_util::stream::unfold((rx, id), |(mut rx, id)| async move {
+    let start = (rx, id, sessions, cookie);
+    let events = futures_util::stream::unfold(start, |(mut rx, id, sessions, cookie)| async move {
         loop {
-            match rx.recv().await {
+            if !sessions.is_alive(&cookie) {
+                return None;
+            }
+            let next = tokio::time::timeout(STREAM_SESSION_CHECK, rx.recv()).await;
+            let Ok(next) = next else {
+                continue; // no message for a while: look at the session again
+            };
+            match next {
                 Ok(m) => {
                     if id.as_str() != &*m.device_id {
                         continue;
@@ -562,11 +576,11 @@ pub(crate) async fn stream(
                         .id(m.id.to_string())
                         .json_data(view_live(&m))
                         .unwrap_or_else(|_| Event::default().comment("unencodable message"));
-                    return Some((Ok(event), (rx, id)));
+                    return Some((Ok(event), (rx, id, sessions, cookie)));
                 }
                 Err(RecvError::Lagged(n)) => {
                     let event = Event::default().event("lagged").data(n.to_string());
-                    return Some((Ok(event), (rx, id)));
+                    return Some((Ok(event), (rx, id, sessions, cookie)));
                 }
                 Err(RecvError::Closed) => return None,
             }
@@ -574,6 +588,9 @@ pub(crate) async fn stream(
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
+
+/// How often an idle live stream looks whether its session still exists.
+const STREAM_SESSION_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The counters of `/metrics` the overview shows: (name, labels) -> value.
 fn counters(text: &str) -> BTreeMap<String, f64> {

@@ -88,6 +88,15 @@ impl Sessions {
         }
     }
 
+    /// Whether this cookie's session is alive, without restarting its idle time (the live
+    /// stream asks this; an open stream is not activity).
+    pub(crate) fn is_alive(&self, cookie: &str) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .get(&token::hash(cookie))
+            .is_some_and(|s| alive(s, now))
+    }
+
     pub(crate) fn remove(&self, cookie: &str) {
         self.lock().remove(&token::hash(cookie));
     }
