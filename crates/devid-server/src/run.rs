@@ -86,6 +86,8 @@ pub fn prepare(cfg: ServerConfig) -> Result<Prepared, RunError> {
         ca,
         config: Arc::new(cfg),
         live: ingest.clone(),
+        presence: ingest.clone(),
+        console: Arc::new(devid_server_http::ConsoleSessions::default()),
         messages: backend.messages,
         stream,
         metrics: {

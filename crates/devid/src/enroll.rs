@@ -27,8 +27,17 @@ pub fn run(cx: &crate::Ctx<'_>, args: &EnrollArgs) -> Result<()> {
     let csr = devid_enroll::build_csr_with_keystore(ks.as_ref(), wanted_id)
         .context("cannot build the certificate request in the keystore")?;
     let evidence = attest(args, &token, &pin, ks.as_ref(), &csr)?;
-    let resp = devid_enroll::enroll_with(&args.server, &token, &pin, &csr, wanted_id, evidence)
-        .with_context(|| format!("enrolment with {} failed", args.server))?;
+    let backend = ks.kind().as_str();
+    let resp = devid_enroll::enroll_with(
+        &args.server,
+        &token,
+        &pin,
+        &csr,
+        wanted_id,
+        evidence,
+        Some(backend),
+    )
+    .with_context(|| format!("enrolment with {} failed", args.server))?;
 
     let ca_pem = check_chain(&resp.certificate_chain, &pin, &resp.device_id, ks.as_ref())?;
     drop(contents);

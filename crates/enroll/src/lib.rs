@@ -281,11 +281,14 @@ pub fn enroll(
     csr_pem: &str,
     device_id: Option<&str>,
 ) -> Result<EnrollResponse, EnrollError> {
-    enroll_with(server_url, token, ca_pin_hex, csr_pem, device_id, None)
+    enroll_with(
+        server_url, token, ca_pin_hex, csr_pem, device_id, None, None,
+    )
 }
 
 /// [`enroll`] with the answer to an attestation challenge ([`attest_start`],
-/// [`answer_challenge`]).
+/// [`answer_challenge`]), and the keystore backend (`tpm`, `pkcs11`, `soft`) the key lives
+/// in, which the server records as *reported* (only attestation proves a TPM key).
 pub fn enroll_with(
     server_url: &str,
     token: &str,
@@ -293,6 +296,7 @@ pub fn enroll_with(
     csr_pem: &str,
     device_id: Option<&str>,
     attestation: Option<AttestationEvidence>,
+    key_backend: Option<&str>,
 ) -> Result<EnrollResponse, EnrollError> {
     let c = client(server_url, ca_pin_hex, None)?;
     let mut req = EnrollRequest {
@@ -300,6 +304,7 @@ pub fn enroll_with(
         csr: csr_pem.to_owned(),
         device_id: device_id.map(str::to_owned),
         attestation,
+        key_backend: key_backend.map(str::to_owned),
     };
     // the body holds the token: both are wiped once sent
     let body = zeroize::Zeroizing::new(

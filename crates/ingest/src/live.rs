@@ -202,6 +202,15 @@ impl LiveConnections {
         self.map.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Whether `device` has a live session (a session registers before its registry read,
+    /// so a CONNECT about to be refused shows here for that moment).
+    pub fn contains(&self, device: &str) -> bool {
+        self.map
+            .lock()
+            .map(|m| m.contains_key(device))
+            .unwrap_or(false)
+    }
+
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

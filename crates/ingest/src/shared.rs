@@ -257,6 +257,16 @@ impl Ingest {
     }
 }
 
+impl devid_store::Presence for Ingest {
+    fn connected(&self, id: &str) -> bool {
+        self.live.contains(id)
+    }
+
+    fn connected_count(&self) -> usize {
+        self.live.len()
+    }
+}
+
 impl StateChangeSink for Ingest {
     fn state_changed(&self, id: &DeviceId, state: DeviceState) {
         self.on_state_change(id, state);

@@ -137,6 +137,7 @@ impl Node {
             key_fingerprint: &fp,
             attestation: None,
             ctx: &c,
+            reported_backend: None,
         };
         let ca = self.ca.clone();
         let mut issue = |d: &DeviceId| {

@@ -132,6 +132,10 @@ pub struct EnrollRequest {
     /// The answer to an attestation challenge (`POST /v1/attest/start`), when attesting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationEvidence>,
+    /// The keystore backend the device uses (`tpm`, `pkcs11`, `soft`), as it reports it: the
+    /// registry keeps it labelled as reported (only attestation proves a TPM key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_backend: Option<String>,
 }
 
 impl fmt::Debug for EnrollRequest {
@@ -141,6 +145,7 @@ impl fmt::Debug for EnrollRequest {
             .field("csr_len", &self.csr.len())
             .field("device_id", &self.device_id)
             .field("attested", &self.attestation.is_some())
+            .field("key_backend", &self.key_backend)
             .finish()
     }
 }
@@ -424,6 +429,10 @@ pub struct DeviceInfo {
     /// TPM model from the EK certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_model: Option<String>,
+    /// The keystore backend the device *reported* at enrolment (`tpm`, `pkcs11`, `soft`): a
+    /// claim nothing proves. Absent for devices that did not report one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_backend: Option<String>,
 }
 
 /// `POST /v1/admin/tokens` request body.

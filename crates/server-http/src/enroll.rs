@@ -62,9 +62,15 @@ pub(crate) async fn enroll(
         if req.attestation.is_none() && state.attest.mode == AttestationMode::Required {
             return Err(crate::attest::required_error());
         }
-        Ok::<_, ApiError>((req.token, requested, csr, req.attestation))
+        // a name outside the known set is kept as nothing (never echoed or logged)
+        let backend = req
+            .key_backend
+            .as_deref()
+            .and_then(|b| devid_store::REPORTED_BACKENDS.iter().find(|k| **k == b))
+            .copied();
+        Ok::<_, ApiError>((req.token, requested, csr, req.attestation, backend))
     })();
-    let (token_text, requested, csr, evidence) = match checked {
+    let (token_text, requested, csr, evidence, backend) = match checked {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(source = %ctx.source, code = e.code, "enrolment refused");
@@ -104,6 +110,7 @@ pub(crate) async fn enroll(
             key_fingerprint: &csr.key_fingerprint,
             attestation: att.as_ref(),
             ctx: &ctx,
+            reported_backend: backend,
         };
         let mut issue = |id: &DeviceId| {
             st.ca

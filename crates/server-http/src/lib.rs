@@ -1,7 +1,8 @@
 //! The HTTPS API as an axum router: enrolment, renewal (mutual TLS), the admin API, the
 //! telemetry routes ([`messages`]) and a health check. [`app`] builds it; [`routes`] lists what
 //! it serves (the OpenAPI file `openapi.yaml` is checked against that list by a test);
-//! [`listener`] serves it over TLS.
+//! [`listener`] serves it over TLS. The admin listener also serves the operators' web
+//! [`console`] (HTML pages under `/console/`).
 //!
 //! Errors are JSON `{"error": "...", "code": "..."}`. Every refusal of an enrolment or renewal
 //! and every admin change leaves an audit row. No token, key, CSR or body reaches a log line.
@@ -17,6 +18,7 @@ mod admin;
 pub mod attest;
 mod attest_policy;
 mod auth;
+pub mod console;
 mod enroll;
 mod error;
 pub mod limits;
@@ -28,6 +30,7 @@ mod state;
 
 pub use attest::AttestPolicy;
 pub use auth::Admin;
+pub use console::Sessions as ConsoleSessions;
 pub use error::ApiError;
 pub use limits::{HttpLimits, HttpMetrics};
 pub use router::{app, routes, surface_app, surface_routes, Surface};

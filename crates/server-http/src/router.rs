@@ -69,8 +69,12 @@ pub fn app(state: HttpState) -> Router {
 pub fn surface_app(state: HttpState, surface: Surface) -> Router {
     let limit = state.config.max_body_bytes;
     let timeout = Duration::from_secs(state.config.request_timeout_secs.max(1));
-    build(surface)
-        .0
+    let mut router = build(surface).0;
+    if surface != Surface::Public {
+        // the operators' web console: admin listener only, never the devices' one
+        router = router.merge(crate::console::router());
+    }
+    router
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -46,6 +46,10 @@ pub struct HttpState {
     /// What the root knows about readiness besides the database (`GET /readyz`): `Err(check)`
     /// names what is down (e.g. `mqtt_listener`).
     pub readiness: Readiness,
+    /// Which devices have a live MQTT session on this node (the console's "connected now").
+    pub presence: Arc<dyn devid_store::Presence>,
+    /// The console's login sessions (in memory, this node only).
+    pub console: Arc<crate::console::Sessions>,
 }
 
 /// See [`HttpState::readiness`].
@@ -79,6 +83,8 @@ pub fn device_info(d: &DeviceRecord, a: Option<&Attestation>) -> DeviceInfo {
         created_at: rfc3339(d.created_at_ms),
         enrolled_at: rfc3339(d.enrolled_at_ms),
         last_seen: rfc3339(d.last_seen_ms),
+        // no backend records an attestation yet: nothing was proven
+        reported_backend: d.reported_backend.clone(),
     }
 }
 

@@ -26,6 +26,18 @@ impl StateChangeSink for Changes {
     }
 }
 
+/// No MQTT listener in these tests: nothing is ever connected.
+struct NoSessions;
+
+impl devid_store::Presence for NoSessions {
+    fn connected(&self, _id: &str) -> bool {
+        false
+    }
+    fn connected_count(&self) -> usize {
+        0
+    }
+}
+
 struct Api {
     _dir: tempfile::TempDir,
     state: HttpState,
@@ -68,6 +80,8 @@ impl Api {
                 "localhost".into(),
             )),
             live: changes.clone(),
+            presence: Arc::new(NoSessions),
+            console: Arc::new(devid_server_http::ConsoleSessions::default()),
             messages: Arc::new(SqliteMessageStore::open(&db).unwrap()),
             stream,
             metrics: Arc::new(|| "# EOF\n".to_owned()),
@@ -587,4 +601,57 @@ async fn the_public_listener_serves_no_admin_route() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+/// The operators' console is on the admin listener only: the public listener answers 404 for
+/// every console path, the admin one serves the login page (with the strict CSP) and sends a
+/// browser without a session to it.
+#[tokio::test]
+async fn the_console_is_served_on_the_admin_listener_only() {
+    use devid_server_http::{surface_app, Surface};
+    let api = Api::new();
+    let get = |surface: Surface, uri: &str| {
+        let req = Request::builder()
+            .method("GET")
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        surface_app(api.state.clone(), surface).oneshot(req)
+    };
+    for (_, path) in devid_server_http::console::routes() {
+        let uri = path
+            .replace("{id}", "some-device")
+            .replace("{action}", "revoke")
+            .replace("{name}", "console.js");
+        let resp = get(Surface::Public, &uri).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::NOT_FOUND,
+            "{uri} on the public listener"
+        );
+    }
+    let resp = get(Surface::Admin, "/console/login").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.starts_with("default-src 'self'; script-src 'self'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe"), "{csp}");
+    let resp = get(Surface::Admin, "/console/devices").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], "/console/login");
+    let resp = get(Surface::Admin, "/console/devices/x-1/stream")
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "no session: no stream"
+    );
+    let resp = get(Surface::Admin, "/console/assets/uPlot.iife.min.js")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(devid_server_http::console::assets::embedded_bytes() > 50_000);
 }

@@ -36,8 +36,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use devid_stdx::rfc3339;
 use devid_store::{
     tx, AdminCredential, Attestation, AuditCtx, AuditLog, Challenge, ChallengeFor, DeviceLookup,
-    DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome, Registry,
-    RegistryTx, RenewAttempt, Role, StateChangeSink, StoreError, TokenRow,
+    DevicePage, DeviceQuery, DeviceRecord, EnrollAttempt, FleetCounts, IssueFn, IssuedCert,
+    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role, StateChangeSink,
+    StoreError, TokenRow,
 };
 
 use crate::tls::{only_local, TlsSettingsError, TlsTarget};
@@ -160,7 +161,16 @@ UPDATE admin_credentials c SET name = CASE WHEN n.rn = 1 THEN 'admin' ELSE 'admi
     WHERE c.token_hash = n.token_hash;
 CREATE UNIQUE INDEX IF NOT EXISTS admin_credentials_name ON admin_credentials (name);
 "#,
-    // 5: key attestation: per device the verified attestation (one EK is one device), the
+    // 5: the backend a device reported at enrolment, and indexes for the console's device
+    // table (filter by state or backend, sort by last seen or expiry, paged).
+    r#"
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS reported_backend TEXT;
+CREATE INDEX IF NOT EXISTS devices_state ON devices (state, id);
+CREATE INDEX IF NOT EXISTS devices_last_seen ON devices (last_seen, id);
+CREATE INDEX IF NOT EXISTS devices_cert_not_after ON devices (cert_not_after, id);
+CREATE INDEX IF NOT EXISTS devices_reported_backend ON devices (reported_backend, id);
+"#,
+    // 6: key attestation: per device the verified attestation (one EK is one device), the
     // pending challenges between the two steps, per token the attestation demands.
     r#"
 CREATE TABLE IF NOT EXISTS device_attestation (
@@ -301,7 +311,7 @@ fn detail(e: &dyn std::error::Error, password: Option<&str>) -> String {
 
 const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
                               created_at, enrolled_at, last_seen, prev_cert_serial, \
-                              prev_key_fingerprint";
+                              prev_key_fingerprint, reported_backend";
 
 fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
     let bad = |e: postgres::Error| StoreError::Corrupt {
@@ -330,6 +340,7 @@ fn to_record(row: &Row) -> Result<DeviceRecord, StoreError> {
             .try_get::<_, Option<String>>(9)
             .map_err(bad)?
             .zip(row.try_get::<_, Option<String>>(10).map_err(bad)?),
+        reported_backend: row.try_get(11).map_err(bad)?,
     })
 }
 
@@ -817,6 +828,141 @@ impl Registry for PostgresStore {
         tx::reset_attestation(open, id, ctx)
     }
 
+    fn device_page(&self, q: &DeviceQuery) -> Result<DevicePage, StoreError> {
+        let mut conn = self.conn()?;
+        // Every value is a bound parameter; only the fixed column name and direction are
+        // formatted in. A device without an attestation row is `none`.
+        let from = "devices LEFT JOIN device_attestation a ON a.device_id = devices.id";
+        let filter = "($1::text IS NULL OR state = $1) \
+                      AND ($2::text IS NULL OR reported_backend = $2) \
+                      AND ($3::text IS NULL OR starts_with(id, $3)) \
+                      AND ($4::text IS NULL OR COALESCE(a.assurance, 'none') = $4)";
+        let state = q.state.map(|s| s.to_string());
+        let prefix = q
+            .id_prefix
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned);
+        let total: i64 = conn
+            .query_one(
+                &format!("SELECT COUNT(*) FROM {from} WHERE {filter}"),
+                &[&state, &q.reported_backend, &prefix, &q.assurance],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(self.db("count devices"))?;
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let col = q.sort.column();
+        let order = if col == "id" {
+            format!("id {dir}")
+        } else {
+            format!("{col} {dir}, id {dir}")
+        };
+        let limit = i64::from(q.limit);
+        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {DEVICE_COLUMNS}, COALESCE(a.assurance, 'none') FROM {from} \
+                     WHERE {filter} ORDER BY {order} LIMIT $5 OFFSET $6"
+                ),
+                &[
+                    &state,
+                    &q.reported_backend,
+                    &prefix,
+                    &q.assurance,
+                    &limit,
+                    &offset,
+                ],
+            )
+            .map_err(self.db("list devices"))?;
+        let columns = DEVICE_COLUMNS.split(',').count();
+        let assurance = rows
+            .iter()
+            .map(|r| r.try_get::<_, String>(columns))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.db("list devices"))?;
+        Ok(DevicePage {
+            devices: rows.iter().map(to_record).collect::<Result<_, _>>()?,
+            assurance,
+            total: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    fn fleet_counts(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<FleetCounts, StoreError> {
+        let mut conn = self.conn()?;
+        let mut out = FleetCounts::default();
+        let bad = |e: postgres::Error| StoreError::Corrupt {
+            what: "device count",
+            detail: e.to_string(),
+        };
+        for row in conn
+            .query(
+                "SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state",
+                &[],
+            )
+            .map_err(self.db("count devices"))?
+        {
+            let state: String = row.try_get(0).map_err(bad)?;
+            let n: i64 = row.try_get(1).map_err(bad)?;
+            let state = state.parse().map_err(|e: String| StoreError::Corrupt {
+                what: "device state",
+                detail: e,
+            })?;
+            out.by_state.push((state, u64::try_from(n).unwrap_or(0)));
+        }
+        for row in conn
+            .query(
+                "SELECT reported_backend, COUNT(*) FROM devices GROUP BY reported_backend \
+                 ORDER BY reported_backend",
+                &[],
+            )
+            .map_err(self.db("count devices"))?
+        {
+            let b: Option<String> = row.try_get(0).map_err(bad)?;
+            let n: i64 = row.try_get(1).map_err(bad)?;
+            out.by_backend.push((b, u64::try_from(n).unwrap_or(0)));
+        }
+        for row in conn
+            .query(
+                "SELECT COALESCE(a.assurance, 'none') AS level, COUNT(*) FROM devices \
+                 LEFT JOIN device_attestation a ON a.device_id = devices.id \
+                 GROUP BY level ORDER BY level",
+                &[],
+            )
+            .map_err(self.db("count devices"))?
+        {
+            let level: String = row.try_get(0).map_err(bad)?;
+            let n: i64 = row.try_get(1).map_err(bad)?;
+            out.by_assurance
+                .push((level, u64::try_from(n).unwrap_or(0)));
+        }
+        let window = "state <> 'revoked' AND cert_not_after >= $1 AND cert_not_after < $2";
+        let total: i64 = conn
+            .query_one(
+                &format!("SELECT COUNT(*) FROM devices WHERE {window}"),
+                &[&now_ms, &until_ms],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(self.db("count devices"))?;
+        out.expiring_total = u64::try_from(total).unwrap_or(0);
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices WHERE {window} \
+                     ORDER BY cert_not_after, id LIMIT $3"
+                ),
+                &[&now_ms, &until_ms, &i64::from(limit)],
+            )
+            .map_err(self.db("list devices"))?;
+        out.expiring = rows.iter().map(to_record).collect::<Result<_, _>>()?;
+        Ok(out)
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let rows = self
             .conn()?
@@ -921,18 +1067,20 @@ impl RegistryTx for PgTx<'_, '_> {
         cert: &IssuedCert,
         key_fingerprint: &str,
         policy: &str,
+        reported_backend: Option<&str>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         self.tx
             .execute(
                 "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
-                 policy, created_at, enrolled_at, last_seen) \
-                 VALUES ($1, 'active', $2, $3, $4, $5, $6, $6, $6) \
+                 policy, created_at, enrolled_at, last_seen, reported_backend) \
+                 VALUES ($1, 'active', $2, $3, $4, $5, $6, $6, $6, $7) \
                  ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
                  cert_not_after = excluded.cert_not_after, \
                  key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
                  enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen, \
-                 prev_cert_serial = NULL, prev_key_fingerprint = NULL \
+                 prev_cert_serial = NULL, prev_key_fingerprint = NULL, \
+                 reported_backend = excluded.reported_backend \
                  WHERE devices.state = 'active'",
                 &[
                     &id.as_str(),
@@ -941,6 +1089,7 @@ impl RegistryTx for PgTx<'_, '_> {
                     &key_fingerprint,
                     &policy,
                     &now_ms,
+                    &reported_backend,
                 ],
             )
             .map_err(self.store.db("record device"))

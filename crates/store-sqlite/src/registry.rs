@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use devid_stdx::rfc3339;
 use devid_store::{
     tx, AdminCredential, Attestation, AuditCtx, AuditLog, Challenge, ChallengeFor, DeviceLookup,
-    DeviceRecord, EnrollAttempt, IssueFn, IssuedCert, NewAudit, NewToken, Outcome, Registry,
-    RegistryTx, RenewAttempt, Role, StoreError, TokenRow,
+    DevicePage, DeviceQuery, DeviceRecord, EnrollAttempt, FleetCounts, IssueFn, IssuedCert,
+    NewAudit, NewToken, Outcome, Registry, RegistryTx, RenewAttempt, Role, StoreError, TokenRow,
 };
 
 /// The schema. The audit table is append-only (triggers refuse UPDATE and DELETE) and a revoked
@@ -85,7 +85,7 @@ fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 
 const DEVICE_COLUMNS: &str = "id, state, cert_serial, cert_not_after, key_fingerprint, policy, \
                               created_at, enrolled_at, last_seen, prev_cert_serial, \
-                              prev_key_fingerprint";
+                              prev_key_fingerprint, reported_backend";
 
 /// Schema version 2 (applied at open to every database of version 1, new ones included: the
 /// released [`SCHEMA`] is never edited): a renewed certificate's predecessor, kept until the
@@ -107,6 +107,7 @@ fn device_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Devi
             last_seen_ms: row.get(8)?,
             prev_serial: row.get(9)?,
             prev_key: row.get(10)?,
+            reported_backend: row.get(11)?,
         },
     ))
 }
@@ -121,6 +122,7 @@ struct DeviceRecordRest {
     last_seen_ms: i64,
     prev_serial: Option<String>,
     prev_key: Option<String>,
+    reported_backend: Option<String>,
 }
 
 fn to_record(
@@ -143,6 +145,7 @@ fn to_record(
         enrolled_at_ms: r.enrolled_at_ms,
         last_seen_ms: r.last_seen_ms,
         predecessor: r.prev_serial.zip(r.prev_key),
+        reported_backend: r.reported_backend,
     })
 }
 
@@ -256,10 +259,10 @@ const MIGRATE_3: &str = "ALTER TABLE admin_credentials ADD COLUMN name TEXT; \
                              ELSE 'admin-' || rowid END; \
                          CREATE UNIQUE INDEX admin_credentials_name ON admin_credentials (name);";
 
-/// Schema version 4: key attestation. Per device the verified attestation (one EK is one
+/// Schema version 5: key attestation. Per device the verified attestation (one EK is one
 /// device: the fingerprint is unique), the pending challenges between the two steps, and
 /// per token the attestation demands.
-const MIGRATE_4: &str = "CREATE TABLE device_attestation ( \
+const MIGRATE_5: &str = "CREATE TABLE device_attestation ( \
                              device_id TEXT PRIMARY KEY, \
                              assurance TEXT NOT NULL, \
                              ek_fingerprint TEXT NOT NULL UNIQUE, \
@@ -333,9 +336,38 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, Stor
     .map_err(db("read the schema"))
 }
 
+/// Schema version 4: the backend a device reported at enrolment, and indexes for the
+/// console's device table (filter by state or backend, sort by last seen or expiry, paged).
+const MIGRATE_4: &str = "ALTER TABLE devices ADD COLUMN reported_backend TEXT; \
+                         CREATE INDEX devices_state ON devices (state, id); \
+                         CREATE INDEX devices_last_seen ON devices (last_seen, id); \
+                         CREATE INDEX devices_cert_not_after ON devices (cert_not_after, id); \
+                         CREATE INDEX devices_reported_backend ON devices (reported_backend, id);";
+
 /// Bring a database made by an older version up to the current schema (in one transaction).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     migrate_2(conn)?;
+    migrate_3(conn)?;
+    if !has_column(conn, "devices", "reported_backend")? {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MIGRATE_4} \
+             UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT;"
+        ))
+        .map_err(db("migrate the schema to version 4"))?;
+        tracing::info!(schema_version = 4, "applied database migration");
+    }
+    if !has_column(conn, "enrollment_tokens", "attestation")? {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MIGRATE_5} \
+             UPDATE meta SET value = '5' WHERE key = 'schema_version'; COMMIT;"
+        ))
+        .map_err(db("migrate the schema to version 5"))?;
+        tracing::info!(schema_version = 5, "applied database migration");
+    }
+    Ok(())
+}
+
+fn migrate_3(conn: &Connection) -> Result<(), StoreError> {
     if !has_column(conn, "admin_credentials", "name")? {
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE; {MIGRATE_3} \
@@ -343,14 +375,6 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         ))
         .map_err(db("migrate the schema to version 3"))?;
         tracing::info!(schema_version = 3, "applied database migration");
-    }
-    if !has_column(conn, "enrollment_tokens", "attestation")? {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {MIGRATE_4} \
-             UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT;"
-        ))
-        .map_err(db("migrate the schema to version 4"))?;
-        tracing::info!(schema_version = 4, "applied database migration");
     }
     Ok(())
 }
@@ -571,6 +595,150 @@ impl Registry for SqliteStore {
         tx::reset_attestation(open, id, ctx)
     }
 
+    fn device_page(&self, q: &DeviceQuery) -> Result<DevicePage, StoreError> {
+        let conn = self.conn()?;
+        // Every value is a bound parameter; only the fixed column name and direction are
+        // formatted in. A device without an attestation row is `none`.
+        let from = "devices LEFT JOIN device_attestation a ON a.device_id = devices.id";
+        let filter = "(?1 IS NULL OR state = ?1) AND (?2 IS NULL OR reported_backend = ?2) \
+                      AND (?3 IS NULL OR (id >= ?3 AND id < ?3 || char(1114111))) \
+                      AND (?4 IS NULL OR COALESCE(a.assurance, 'none') = ?4)";
+        let state = q.state.map(|s| s.to_string());
+        let prefix = q.id_prefix.as_deref().filter(|p| !p.is_empty());
+        let args = params![
+            state,
+            q.reported_backend.as_deref(),
+            prefix,
+            q.assurance.as_deref()
+        ];
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {from} WHERE {filter}"),
+                args,
+                |r| r.get(0),
+            )
+            .map_err(db("count devices"))?;
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let col = q.sort.column();
+        let order = if col == "id" {
+            format!("id {dir}")
+        } else {
+            format!("{col} {dir}, id {dir}")
+        };
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {DEVICE_COLUMNS}, COALESCE(a.assurance, 'none') FROM {from} \
+                 WHERE {filter} ORDER BY {order} LIMIT ?5 OFFSET ?6"
+            ))
+            .map_err(db("list devices"))?;
+        let columns = DEVICE_COLUMNS.split(',').count();
+        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(
+                params![
+                    state,
+                    q.reported_backend.as_deref(),
+                    prefix,
+                    q.assurance.as_deref(),
+                    q.limit,
+                    offset
+                ],
+                |r| Ok((device_row(r)?, r.get::<_, String>(columns)?)),
+            )
+            .map_err(db("list devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list devices"))?;
+        let (devices, assurance): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
+        Ok(DevicePage {
+            devices: devices
+                .into_iter()
+                .map(to_record)
+                .collect::<Result<_, _>>()?,
+            assurance,
+            total: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    fn fleet_counts(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<FleetCounts, StoreError> {
+        let conn = self.conn()?;
+        let mut out = FleetCounts::default();
+        let mut stmt = conn
+            .prepare("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
+            .map_err(db("count devices"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db("count devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("count devices"))?;
+        for (state, n) in rows {
+            let state = state.parse().map_err(|e: String| StoreError::Corrupt {
+                what: "device state",
+                detail: e,
+            })?;
+            out.by_state.push((state, u64::try_from(n).unwrap_or(0)));
+        }
+        let mut stmt = conn
+            .prepare(
+                "SELECT reported_backend, COUNT(*) FROM devices GROUP BY reported_backend \
+                 ORDER BY reported_backend",
+            )
+            .map_err(db("count devices"))?;
+        out.by_backend = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                ))
+            })
+            .map_err(db("count devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("count devices"))?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT COALESCE(a.assurance, 'none') AS level, COUNT(*) FROM devices \
+                 LEFT JOIN device_attestation a ON a.device_id = devices.id \
+                 GROUP BY level ORDER BY level",
+            )
+            .map_err(db("count devices"))?;
+        out.by_assurance = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                ))
+            })
+            .map_err(db("count devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("count devices"))?;
+        let window = "state <> 'revoked' AND cert_not_after >= ?1 AND cert_not_after < ?2";
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM devices WHERE {window}"),
+                params![now_ms, until_ms],
+                |r| r.get(0),
+            )
+            .map_err(db("count devices"))?;
+        out.expiring_total = u64::try_from(total).unwrap_or(0);
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE {window} \
+                 ORDER BY cert_not_after, id LIMIT ?3"
+            ))
+            .map_err(db("list devices"))?;
+        let rows = stmt
+            .query_map(params![now_ms, until_ms, limit], device_row)
+            .map_err(db("list devices"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list devices"))?;
+        out.expiring = rows.into_iter().map(to_record).collect::<Result<_, _>>()?;
+        Ok(out)
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn
@@ -652,19 +820,21 @@ impl RegistryTx for SqliteTx<'_> {
         cert: &IssuedCert,
         key_fingerprint: &str,
         policy: &str,
+        reported_backend: Option<&str>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         let n = self
             .0
             .execute(
                 "INSERT INTO devices (id, state, cert_serial, cert_not_after, key_fingerprint, \
-                 policy, created_at, enrolled_at, last_seen) \
-                 VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6, ?6) \
+                 policy, created_at, enrolled_at, last_seen, reported_backend) \
+                 VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7) \
                  ON CONFLICT (id) DO UPDATE SET cert_serial = excluded.cert_serial, \
                  cert_not_after = excluded.cert_not_after, \
                  key_fingerprint = excluded.key_fingerprint, policy = excluded.policy, \
                  enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen, \
-                 prev_cert_serial = NULL, prev_key_fingerprint = NULL \
+                 prev_cert_serial = NULL, prev_key_fingerprint = NULL, \
+                 reported_backend = excluded.reported_backend \
                  WHERE devices.state = 'active'",
                 params![
                     id.as_str(),
@@ -672,7 +842,8 @@ impl RegistryTx for SqliteTx<'_> {
                     cert.not_after_ms,
                     key_fingerprint,
                     policy,
-                    now_ms
+                    now_ms,
+                    reported_backend
                 ],
             )
             .map_err(db("record device"))?;

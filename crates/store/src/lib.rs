@@ -293,6 +293,10 @@ pub struct DeviceRecord {
     /// device whose renewal answer was lost retries with it. `None` after first use and after
     /// an enrolment.
     pub predecessor: Option<(String, String)>,
+    /// The keystore backend the device said it used at enrolment (`tpm`, `pkcs11`, `soft`):
+    /// what it *reported*, which nothing proves (attestation is what proves a TPM key).
+    /// `None` for devices enrolled before devices reported it.
+    pub reported_backend: Option<String>,
 }
 
 /// Where a certificate stands with its device's registry row.
@@ -371,7 +375,13 @@ pub struct EnrollAttempt<'a> {
     pub attestation: Option<&'a Attestation>,
     /// Audit context (actor `anonymous`, source, time).
     pub ctx: &'a AuditCtx,
+    /// The keystore backend the device reports (one of [`REPORTED_BACKENDS`]), stored as it
+    /// is: a claim, not a proof.
+    pub reported_backend: Option<&'a str>,
 }
+
+/// The backend names a device may report at enrolment; anything else is stored as nothing.
+pub const REPORTED_BACKENDS: &[&str] = &["tpm", "pkcs11", "soft"];
 
 /// Issues the certificate inside the store's transaction, once the device id is known.
 pub type IssueFn<'a> = &'a mut dyn FnMut(&DeviceId) -> Result<IssuedCert, IssueError>;
@@ -552,6 +562,126 @@ pub trait Registry: IngestRegistry {
     /// Forget the device's attestation (an operator's decision after a TPM swap), audited
     /// ([`tx::reset_attestation`]).
     fn reset_attestation(&self, id: &DeviceId, ctx: &AuditCtx) -> Outcome<()>;
+    /// One page of devices (filter, sort, `LIMIT`/`OFFSET` on indexed columns) and how many
+    /// match the filter: what the console's device table shows, fast with 100,000 devices.
+    fn device_page(&self, query: &DeviceQuery) -> Result<DevicePage, StoreError>;
+
+    /// Counts for the fleet overview: devices by state and by reported backend, and the
+    /// devices (not revoked) whose certificate expires between `now_ms` and `until_ms`
+    /// (soonest first, at most `limit`, with their total).
+    fn fleet_counts(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<FleetCounts, StoreError>;
+}
+
+/// How the device table is sorted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSort {
+    /// By id.
+    #[default]
+    Id,
+    /// By state, then id.
+    State,
+    /// By last seen, then id.
+    LastSeen,
+    /// By certificate expiry, then id.
+    CertNotAfter,
+}
+
+impl DeviceSort {
+    /// The query-string name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceSort::Id => "id",
+            DeviceSort::State => "state",
+            DeviceSort::LastSeen => "last_seen",
+            DeviceSort::CertNotAfter => "cert_not_after",
+        }
+    }
+
+    /// From the query-string name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            DeviceSort::Id,
+            DeviceSort::State,
+            DeviceSort::LastSeen,
+            DeviceSort::CertNotAfter,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// The column (a fixed name, never user text: safe to format into SQL).
+    pub fn column(self) -> &'static str {
+        match self {
+            DeviceSort::Id => "id",
+            DeviceSort::State => "state",
+            DeviceSort::LastSeen => "last_seen",
+            DeviceSort::CertNotAfter => "cert_not_after",
+        }
+    }
+}
+
+/// A page of the device table to read ([`Registry::device_page`]).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery {
+    /// Only devices in this state.
+    pub state: Option<DeviceState>,
+    /// Only devices with this verified assurance level (`none`: not attested).
+    pub assurance: Option<String>,
+    /// Only devices that reported this backend.
+    pub reported_backend: Option<String>,
+    /// Only ids starting with this.
+    pub id_prefix: Option<String>,
+    /// Sort key.
+    pub sort: DeviceSort,
+    /// Descending.
+    pub descending: bool,
+    /// Rows to skip.
+    pub offset: u64,
+    /// Rows to return (at most).
+    pub limit: u32,
+}
+
+/// What [`Registry::device_page`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct DevicePage {
+    /// The rows.
+    pub devices: Vec<DeviceRecord>,
+    /// The verified assurance of each row (`ek-cert`, `ek-allowlist`, `none`), in order.
+    pub assurance: Vec<String>,
+    /// How many devices match the filter in all.
+    pub total: u64,
+}
+
+/// The assurance level of a device no attestation was recorded for.
+pub const ASSURANCE_NONE: &str = "none";
+
+/// What [`Registry::fleet_counts`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct FleetCounts {
+    /// (state, devices), every state.
+    pub by_state: Vec<(DeviceState, u64)>,
+    /// (reported backend or `None`, devices).
+    pub by_backend: Vec<(Option<String>, u64)>,
+    /// (verified assurance, devices): `ek-cert`, `ek-allowlist`, `none`.
+    pub by_assurance: Vec<(String, u64)>,
+    /// Certificates expiring in the window, soonest first.
+    pub expiring: Vec<DeviceRecord>,
+    /// How many expire in the window in all.
+    pub expiring_total: u64,
+}
+
+/// Which devices have a live session on this node (the MQTT ingest's table), for the
+/// console's "connected now" column.
+pub trait Presence: Send + Sync {
+    /// Whether device `id` has a live MQTT session on this node.
+    fn connected(&self, id: &str) -> bool;
+    /// How many devices have a live session on this node.
+    fn connected_count(&self) -> usize;
 }
 
 /// Told about device state changes committed by any node (see

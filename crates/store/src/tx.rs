@@ -53,6 +53,7 @@ pub trait RegistryTx: Sized {
         cert: &IssuedCert,
         key_fingerprint: &str,
         policy: &str,
+        reported_backend: Option<&str>,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
 
@@ -195,7 +196,10 @@ pub fn enroll<X: RegistryTx>(
         return refuse(tx, a.ctx, "enroll", Some(id.as_str()), Refusal::TokenUsed);
     }
     let cert = issue(&id)?;
-    if tx.write_enrolled(&id, &cert, a.key_fingerprint, &policy, now)? != 1 {
+    let reported = a
+        .reported_backend
+        .filter(|b| crate::REPORTED_BACKENDS.contains(b));
+    if tx.write_enrolled(&id, &cert, a.key_fingerprint, &policy, reported, now)? != 1 {
         return Err(changed_meanwhile("enrolment"));
     }
     if let Some(att) = a.attestation {

@@ -38,6 +38,8 @@ fn store_contract_on_postgres() {
     );
     let url = pg.create_database("seen");
     store_scenarios::last_seen_only_moves_forward(&PostgresStore::open(&url).unwrap());
+    let url = pg.create_database("pages");
+    store_scenarios::device_pages_filters_and_counts(&PostgresStore::open(&url).unwrap());
     let url = pg.create_database("lookup");
     assert_eq!(
         store_scenarios::try_device_now_agrees_with_device(&PostgresStore::open(&url).unwrap()),

@@ -72,6 +72,8 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
     let id = devid_proto::DeviceId::parse("old-1").unwrap();
     let rec = store.device(&id).unwrap().unwrap();
     assert_eq!((rec.cert_serial.as_str(), rec.predecessor), ("abcd", None));
+    // schema 4: nothing reported for a device enrolled before devices reported a backend
+    assert_eq!(rec.reported_backend, None);
     // existing installs keep working: the old admin token is now the credential `admin`
     let admin = store.admin_credential("h-old").unwrap().unwrap();
     assert_eq!(
@@ -87,7 +89,7 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(v, "3");
+    assert_eq!(v, "4");
     // and opening again changes nothing
     drop(raw);
     SqliteStore::open(&path).unwrap();
@@ -147,4 +149,10 @@ fn the_registry_read_at_connect_is_answered_in_place() {
 fn last_seen_only_moves_forward() {
     let dir = tempfile::tempdir().unwrap();
     store_scenarios::last_seen_only_moves_forward(&*open(&dir));
+}
+
+#[test]
+fn device_pages_filters_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    store_scenarios::device_pages_filters_and_counts(&*open(&dir));
 }

@@ -11,6 +11,7 @@
 //! * [`postgres::PgCluster`]: a throwaway PostgreSQL cluster on a free loopback port.
 //! * [`haproxy::Haproxy`]: Debian's HAProxy in TCP mode in front of `devid-server` nodes
 //!   (PROXY protocol v2, `/readyz` health checks), the configuration of docs/scaling.md.
+//! * [`browser::Browser`]: headless Chromium through ChromeDriver, trusting a given CA.
 //!
 //! Nothing here is a mock: each helper starts the real program and fails loudly when it is
 //! missing, naming the Debian package to install.
@@ -20,6 +21,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod haproxy;
 pub mod postgres;
 pub mod proxy;

@@ -17,6 +17,10 @@ pub struct DevidServer {
     pub https_port: u16,
     /// MQTT port.
     pub mqtt_port: u16,
+    /// Admin listener port (admin API, metrics, console).
+    pub admin_port: u16,
+    /// `https://localhost:ADMIN_PORT` (the name in the server certificate).
+    pub admin_url: String,
     /// `https://127.0.0.1:PORT`.
     pub url: String,
     /// The CA pin printed by `init`.
@@ -81,6 +85,8 @@ impl DevidServer {
             dir,
             https_port,
             mqtt_port,
+            admin_port,
+            admin_url: format!("https://localhost:{admin_port}"),
             pin,
             log,
             child: None,

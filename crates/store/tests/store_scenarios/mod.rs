@@ -59,6 +59,7 @@ pub fn enroll(
         key_fingerprint: "fp",
         attestation: None,
         ctx: &c,
+        reported_backend: Some("tpm"),
     };
     let mut issue = |id: &DeviceId| {
         ca.issue_device(id, &spki, Duration::from_secs(3600), c.now_ms)
@@ -568,4 +569,122 @@ pub fn last_seen_only_moves_forward(store: &dyn Registry) {
         store.device(&b).unwrap().unwrap().state,
         DeviceState::Revoked
     );
+}
+
+/// The console's device table: filter, prefix search, sort both ways, paging with the total;
+/// the reported backend is recorded as enrolment reported it; the fleet counts.
+pub fn device_pages_filters_and_counts(store: &dyn Registry) {
+    use devid_store::{DeviceQuery, DeviceSort};
+    let ca = Ca::generate("localhost", now_ms()).unwrap();
+    for i in 0..7 {
+        let tok = new_token(store, None, 60_000);
+        enroll(store, &ca, &tok, Some(&format!("page-{i}"))).unwrap();
+    }
+    let tok = new_token(store, None, 60_000);
+    enroll(store, &ca, &tok, Some("other-1")).unwrap();
+    let id = |s: &str| DeviceId::parse(s).unwrap();
+    store
+        .set_state(&id("page-3"), DeviceState::Suspended, &ctx())
+        .unwrap()
+        .unwrap();
+    store
+        .set_state(&id("page-5"), DeviceState::Revoked, &ctx())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .device(&id("page-0"))
+            .unwrap()
+            .unwrap()
+            .reported_backend
+            .as_deref(),
+        Some("tpm")
+    );
+    let ids = |q: &DeviceQuery| {
+        let p = store.device_page(q).unwrap();
+        (
+            p.devices
+                .iter()
+                .map(|d| d.id.to_string())
+                .collect::<Vec<_>>(),
+            p.total,
+        )
+    };
+    let q = DeviceQuery {
+        id_prefix: Some("page-".into()),
+        limit: 3,
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(&q),
+        (vec!["page-0".into(), "page-1".into(), "page-2".into()], 7)
+    );
+    let q2 = DeviceQuery {
+        offset: 6,
+        ..q.clone()
+    };
+    assert_eq!(ids(&q2), (vec!["page-6".into()], 7));
+    let q3 = DeviceQuery {
+        descending: true,
+        ..q.clone()
+    };
+    assert_eq!(ids(&q3).0, vec!["page-6", "page-5", "page-4"]);
+    let q4 = DeviceQuery {
+        state: Some(DeviceState::Suspended),
+        limit: 50,
+        ..Default::default()
+    };
+    assert_eq!(ids(&q4), (vec!["page-3".into()], 1));
+    let q5 = DeviceQuery {
+        sort: DeviceSort::State,
+        limit: 50,
+        ..Default::default()
+    };
+    let (all, total) = ids(&q5);
+    assert_eq!(total, 8);
+    assert_eq!(
+        all.last().unwrap(),
+        "page-3",
+        "suspended sorts after revoked: {all:?}"
+    );
+    let q6 = DeviceQuery {
+        reported_backend: Some("pkcs11".into()),
+        limit: 50,
+        ..Default::default()
+    };
+    assert_eq!(ids(&q6).1, 0);
+    // no assurance is recorded yet: every device is "none"
+    let q7 = DeviceQuery {
+        assurance: Some("none".into()),
+        limit: 50,
+        ..Default::default()
+    };
+    assert_eq!(ids(&q7).1, 8);
+    let q8 = DeviceQuery {
+        assurance: Some("ek-cert".into()),
+        limit: 50,
+        ..Default::default()
+    };
+    assert_eq!(ids(&q8).1, 0);
+    // a prefix with LIKE metacharacters matches literally
+    let q9 = DeviceQuery {
+        id_prefix: Some("page_%".into()),
+        limit: 50,
+        ..Default::default()
+    };
+    assert_eq!(ids(&q9).1, 0);
+    let now = now_ms();
+    let c = store.fleet_counts(now, now + 2 * 3600 * 1000, 10).unwrap();
+    let n = |s: DeviceState| c.by_state.iter().find(|(k, _)| *k == s).map(|(_, n)| *n);
+    assert_eq!(n(DeviceState::Active), Some(6));
+    assert_eq!(n(DeviceState::Suspended), Some(1));
+    assert_eq!(n(DeviceState::Revoked), Some(1));
+    assert_eq!(c.by_backend, vec![(Some("tpm".to_owned()), 8)]);
+    // certificates of one hour (see `enroll`) expire in the window; not the revoked one
+    assert_eq!(c.expiring_total, 7);
+    assert!(c.expiring.iter().all(|d| d.id.as_str() != "page-5"));
+    let later = store
+        .fleet_counts(now + 3 * 3600 * 1000, now + 4 * 3600 * 1000, 10)
+        .unwrap();
+    assert_eq!(later.expiring_total, 0);
 }
