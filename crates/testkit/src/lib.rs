@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 pub mod postgres;
 pub mod proxy;
+pub mod robust;
 pub mod server;
 pub mod softhsm;
 pub mod swtpm;
