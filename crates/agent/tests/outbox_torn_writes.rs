@@ -186,6 +186,7 @@ fn outbox_torn_tail_at_every_byte_offset_keeps_exactly_the_complete_records() {
          ({keyed_cut} torn)"
     );
     Report::new("outbox_torn_tail_every_offset")
+        .text("threats", "C1,C2")
         .num("cases", (plain + keyed) as f64)
         .num("torn_tails_cut", (plain_cut + keyed_cut) as f64)
         .num("lost_complete_records", 0)

@@ -379,6 +379,7 @@ fn kill9_at_random_moments_under_load_from_20_devices_loses_and_doubles_nothing(
          duplicates; restart to listening: mean {mean_rec:?}, max {max_rec:?}"
     );
     devid_testkit::robust::Report::new("server_kill9_20_devices")
+        .text("threats", "C2")
         .num("rounds", rounds as f64)
         .num("devices", DEVICES as f64)
         .num("sent", sent_total as f64)

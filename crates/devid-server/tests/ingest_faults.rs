@@ -186,6 +186,7 @@ fn failed_fdatasync_of_the_message_log_is_fatal_and_loses_no_acknowledged_messag
             Some(_) => "server_fdatasync_eio_once",
             None => "server_fdatasync_eio_always",
         })
+        .text("threats", "C3")
         .num("syncs_before_fault", after)
         .num("acked", acked as f64)
         .num("acked_stored", acked as f64)

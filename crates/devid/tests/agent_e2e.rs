@@ -276,6 +276,7 @@ fn kill_9_rounds(server: &DevidServer, d: &Devid, id: &str, backend: &str) {
         counts.len()
     );
     devid_testkit::robust::Report::new(&format!("agent_kill9_4_apps_{backend}"))
+        .text("threats", "C1")
         .num("rounds", rounds as f64)
         .num("apps", APPS as f64)
         .num("acked", acked.len() as f64)

@@ -178,6 +178,7 @@ fn torn_tail_at_every_byte_offset_keeps_exactly_the_complete_records() {
         bytes.len() + 1 - from
     );
     Report::new("msglog_torn_tail_every_offset")
+        .text("threats", "C2")
         .num("offsets", (bytes.len() + 1 - from) as f64)
         .num("cases", cases as f64)
         .num("torn_tails_cut", torn_cut as f64)
