@@ -336,7 +336,7 @@ impl LocalApi {
 
     fn dispatch(&self, line: &[u8]) -> Reply {
         match parse_request(line) {
-            Err(r) => Reply::Ready(r),
+            Err(r) => Reply::Ready(*r),
             Ok(Request::Publish { id, topic, payload }) => {
                 match self.outbox.submit(&topic, payload) {
                     Ok(wait) => Reply::Wait(id, wait),
@@ -376,13 +376,13 @@ pub enum Request {
 /// Parse one request line from an application (input from outside the agent: fuzzed by
 /// `fuzz/fuzz_targets/local_requests.rs`). A request that is not valid gives the error
 /// response to send back.
-pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
+pub fn parse_request(line: &[u8]) -> Result<Request, Box<Response>> {
+    let bad = |id: Option<Value>, why: String| Box::new(Response::err(id, "bad_request", why));
     let req: RequestWire = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => {
-            return Err(Response::err(
+            return Err(bad(
                 None,
-                "bad_request",
                 format!(
                     "not a valid request ({}): send one JSON object per line, e.g. \
                      {{\"op\":\"publish\",\"topic\":\"telemetry/temp\",\"payload\":\"<base64>\"}}",
@@ -395,30 +395,18 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
     match req.op.as_str() {
         "publish" => {
             let Some(topic) = req.topic else {
-                return Err(Response::err(id, "bad_request", "publish needs topic"));
+                return Err(bad(id, "publish needs topic".into()));
             };
             let Some(b64) = req.payload else {
-                return Err(Response::err(
-                    id,
-                    "bad_request",
-                    "publish needs payload (base64)",
-                ));
+                return Err(bad(id, "publish needs payload (base64)".into()));
             };
             match base64::engine::general_purpose::STANDARD.decode(b64) {
                 Ok(payload) => Ok(Request::Publish { id, topic, payload }),
-                Err(_) => Err(Response::err(
-                    id,
-                    "bad_request",
-                    "payload is not valid standard base64",
-                )),
+                Err(_) => Err(bad(id, "payload is not valid standard base64".into())),
             }
         }
         "status" => Ok(Request::Status { id }),
-        _ => Err(Response::err(
-            id,
-            "bad_request",
-            "unknown op: use publish or status",
-        )),
+        _ => Err(bad(id, "unknown op: use publish or status".into())),
     }
 }
 
