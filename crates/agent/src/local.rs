@@ -20,7 +20,8 @@
 //!   outbox: it will reach the server even if the agent is killed right after.
 //! * Error codes: `bad_request` (not JSON, unknown field or op, bad base64), `bad_topic`,
 //!   `too_large`, `line_too_long` (the connection is closed after it), `outbox_full`,
-//!   `forbidden` (peer not allowed; the connection is closed), `unavailable` (outbox I/O
+//!   `forbidden` (peer not allowed; the connection is closed), `disk_full` (the device's disk
+//!   is full: not stored, retry once space returns), `unavailable` (outbox I/O
 //!   error or agent stopping).
 //!
 //! # Who may connect
@@ -187,6 +188,7 @@ fn outbox_error(id: Option<Value>, e: &OutboxError) -> Response {
         OutboxError::Full { .. } => "outbox_full",
         OutboxError::TooLarge { .. } => "too_large",
         OutboxError::Topic(_) => "bad_topic",
+        OutboxError::DiskFull => "disk_full",
         _ => "unavailable",
     };
     Response::err(id, code, e.to_string())

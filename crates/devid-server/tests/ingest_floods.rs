@@ -434,3 +434,129 @@ fn hostile_packets_and_bodies_are_refused_early_with_bounded_memory() {
         .num("rss_kib_after", rss_end as f64)
         .emit();
 }
+
+/// One device publishing as fast as it can, 100 times its rate limit (50 messages/s): it is
+/// throttled to about its limit, while four other devices sending 10 messages/s each keep
+/// their throughput and their ack latency (measured beside a quiet run, not asserted).
+#[test]
+fn one_device_at_100x_its_rate_limit_is_throttled_and_the_others_are_unaffected() {
+    const RATE: f64 = 50.0;
+    let s = Server::start_with_config(
+        &[],
+        &format!(
+            "mqtt.messages_per_sec = {RATE:.1}\nmqtt.messages_burst = {RATE:.1}\n\
+             mqtt.bytes_per_sec = 1000000000.0\nmqtt.bytes_burst = 1000000000.0"
+        ),
+    );
+    let noisy = enrol(&s, "noisy-1", "default");
+    let others: Vec<Device> = (0..4)
+        .map(|i| enrol(&s, &format!("calm-{i}"), "default"))
+        .collect();
+    let ca = s.ca_pem_path();
+    let port = s.mqtt_port;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // four devices at 10 messages/s for `secs`: (acked, latencies)
+    let calm = |tag: &'static str, secs: u64| {
+        let others = others.clone();
+        let ca = ca.clone();
+        async move {
+            let tasks: Vec<_> = others
+                .into_iter()
+                .map(|d| {
+                    let ca = ca.clone();
+                    tokio::spawn(async move {
+                        let mut c = Client::connect_ok(port, &ca, &d, Protocol::V5).await;
+                        let mut lat = Vec::new();
+                        let start = Instant::now();
+                        let mut i = 0u16;
+                        while start.elapsed() < Duration::from_secs(secs) {
+                            i += 1;
+                            let t = Instant::now();
+                            let code = c
+                                .publish_qos1(
+                                    &d.topic("telemetry/calm"),
+                                    i,
+                                    b"c",
+                                    Some(&format!("{tag}-{i}")),
+                                )
+                                .await;
+                            assert_eq!(code, Some(0), "{}: calm publish {i}", d.id);
+                            lat.push(t.elapsed());
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        }
+    };
+    let quiet = rt.block_on(calm("quiet", 3));
+    let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (under, noisy_run) = rt.block_on(async {
+        let flood = tokio::spawn(pipelined(
+            port,
+            ca.clone(),
+            noisy.clone(),
+            1_000_000,
+            progress.clone(),
+            stop.clone(),
+            "n",
+            100,
+        ));
+        let under = calm("flood", 5).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (under, flood.await.unwrap())
+    });
+    let secs = noisy_run.elapsed.as_secs_f64();
+    let noisy_rate = noisy_run.acked.len() as f64 / secs;
+    let p = |mut v: Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
+    let (q50, q99) = (p(quiet.clone(), 0.5), p(quiet.clone(), 0.99));
+    let (f50, f99) = (p(under.clone(), 0.5), p(under.clone(), 0.99));
+    let calm_rate_quiet = quiet.len() as f64 / 3.0;
+    let calm_rate_flood = under.len() as f64 / 5.0;
+    eprintln!(
+        "rate limit {RATE}/s: the noisy device got {} acks in {secs:.1} s ({noisy_rate:.0}/s, \
+         sent {}); 4 calm devices: {calm_rate_quiet:.1} msg/s p50 {q50:?} p99 {q99:?} quiet, \
+         {calm_rate_flood:.1} msg/s p50 {f50:?} p99 {f99:?} beside it",
+        noisy_run.acked.len(),
+        noisy_run.sent
+    );
+    // throttled: at most the burst plus the rate over the time it ran (and some slack)
+    assert!(
+        (noisy_run.acked.len() as f64) <= RATE * (secs + 1.0) * 1.2 + RATE,
+        "the noisy device was not throttled: {} acks in {secs:.1} s",
+        noisy_run.acked.len()
+    );
+    assert!(
+        noisy_run.acked.len() as f64 >= RATE,
+        "the noisy device was served at all"
+    );
+    // the others kept their throughput (every publish acknowledged, asserted above; the
+    // rate within a generous bound of the quiet one)
+    assert!(
+        calm_rate_flood >= calm_rate_quiet * 0.5,
+        "the calm devices slowed down: {calm_rate_quiet:.1} -> {calm_rate_flood:.1} msg/s"
+    );
+    devid_testkit::robust::Report::new("server_device_at_100x_rate_limit")
+        .text("threats", "T9,T16")
+        .num("limit_per_sec", RATE)
+        .num("noisy_acked_per_sec", noisy_rate)
+        .num("calm_msgs_per_sec_quiet", calm_rate_quiet)
+        .num("calm_msgs_per_sec_beside", calm_rate_flood)
+        .num("calm_p99_ms_quiet", q99.as_secs_f64() * 1000.0)
+        .num("calm_p99_ms_beside", f99.as_secs_f64() * 1000.0)
+        .emit();
+}

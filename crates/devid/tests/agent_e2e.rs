@@ -557,3 +557,165 @@ fn forged_or_altered_outbox_records_are_refused_and_never_sent() {
     );
     assert!(agent.log_text().contains("failed authentication"));
 }
+
+/// A tmpfs of `size` (the device's "disk"), unmounted on drop even after a failure. Needs
+/// root.
+struct Tmpfs {
+    dir: std::path::PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("fs");
+        std::fs::create_dir(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "devid-agent-test",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs failed (this test needs root)");
+        Tmpfs {
+            dir,
+            _parent: parent,
+        }
+    }
+
+    /// Fill the filesystem up to the last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.join("filler")).unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            let buf = vec![0u8; chunk];
+            for _ in 0..100_000 {
+                if f.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = f.sync_all();
+    }
+
+    fn unfill(&self) {
+        std::fs::remove_file(self.dir.join("filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// Issue 15: the device's disk fills up while the server is away. The agent refuses new
+/// application messages with a clear error (`disk_full`), keeps every message it had
+/// accepted, takes messages again as soon as space returns (no restart), and once the server
+/// is back every accepted message is stored exactly once and no refused one is.
+#[test]
+fn a_full_device_disk_refuses_new_messages_keeps_the_outbox_and_recovers() {
+    let mut server = DevidServer::start();
+    let fs = Tmpfs::mount("16m");
+    let d = Devid::at(&fs.dir.join("state"));
+    d.run(&["init", "--backend", "soft"]).ok();
+    enrol(&server, &d, "full-disk-1");
+    let agent = Agent::start(&d, &[]);
+    agent.wait_status("connected", Duration::from_secs(20), |s| {
+        s["connection"]["state"] == "connected"
+    });
+    server.stop();
+    let before =
+        support::publish_pipelined(&agent.socket, "telemetry/f", payloads("before", 0..200));
+    assert!(before.iter().all(|a| a.ok) && before.len() == 200);
+    agent.wait_status("buffered", Duration::from_secs(10), |s| {
+        s["outbox"]["depth"] == 200
+    });
+    fs.fill();
+    // 1 KiB messages: what still fits in the segment file's last allocated page is stored
+    // (and must arrive); the rest is refused
+    let full: Vec<String> = (0..20)
+        .map(|i| format!("full-{i:06}-{}", "x".repeat(1000)))
+        .collect();
+    let answers = support::publish_pipelined(&agent.socket, "telemetry/f", full.clone());
+    assert_eq!(answers.len(), 20, "every request answered");
+    let mut kept_full = Vec::new();
+    let mut refused = 0usize;
+    for (a, p) in answers.iter().zip(&full) {
+        if a.ok {
+            kept_full.push(p.clone());
+            continue;
+        }
+        refused += 1;
+        assert_eq!(a.code.as_deref(), Some("disk_full"), "{:?}", a.error);
+        assert!(
+            a.error
+                .as_deref()
+                .is_some_and(|e| e.contains("no space left")),
+            "{:?}",
+            a.error
+        );
+    }
+    assert!(refused >= 10, "only {refused} of 20 refused on a full disk");
+    assert_eq!(
+        agent.status()["outbox"]["depth"],
+        200 + kept_full.len(),
+        "the outbox is kept"
+    );
+    fs.unfill();
+    let t = Instant::now();
+    let mut after = Vec::new();
+    for _ in 0..50 {
+        after = support::publish_pipelined(&agent.socket, "telemetry/f", payloads("after", 0..20));
+        if after.iter().all(|a| a.ok) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recovered = t.elapsed();
+    assert!(
+        after.len() == 20 && after.iter().all(|a| a.ok),
+        "the agent did not take messages again once space returned: {}",
+        agent.log_text()
+    );
+    server.run();
+    agent.wait_status("drained", Duration::from_secs(30), |s| {
+        s["outbox"]["depth"] == 0
+    });
+    let counts = stored_counts(&server, "full-disk-1");
+    let mut want = payloads("before", 0..200);
+    want.extend(kept_full.iter().cloned());
+    want.extend(payloads("after", 0..20));
+    for p in &want {
+        assert_eq!(counts.get(p), Some(&1), "{p}");
+    }
+    assert_eq!(counts.len(), want.len(), "no refused message was stored");
+    println!(
+        "MEASURED device disk full: 200 queued kept, {refused} of 20 refused with disk_full, \
+         taking messages again {recovered:?} after space returned; {} stored exactly once",
+        want.len()
+    );
+    devid_testkit::robust::Report::new("agent_disk_full")
+        .text("threats", "T12b")
+        .num("acked", want.len() as f64)
+        .num("acked_stored", want.len() as f64)
+        .num("refused", refused as f64)
+        .num("duplicates", 0)
+        .num("recovered_ms", recovered.as_secs_f64() * 1000.0)
+        .emit();
+}

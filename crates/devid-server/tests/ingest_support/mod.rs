@@ -551,6 +551,10 @@ pub async fn pipelined(
                 Err(_) => break 'read,
             }
         }
+        // told to stop and nothing in flight any more: done
+        if stop.load(Ordering::Relaxed) && pending.lock().unwrap().is_empty() {
+            break;
+        }
     }
     run.elapsed = start.elapsed();
     stop.store(true, Ordering::Relaxed);
