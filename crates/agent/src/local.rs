@@ -20,7 +20,8 @@
 //!   outbox: it will reach the server even if the agent is killed right after.
 //! * Error codes: `bad_request` (not JSON, unknown field or op, bad base64), `bad_topic`,
 //!   `too_large`, `line_too_long` (the connection is closed after it), `outbox_full`,
-//!   `forbidden` (peer not allowed; the connection is closed), `unavailable` (outbox I/O
+//!   `forbidden` (peer not allowed; the connection is closed), `disk_full` (the device's disk
+//!   is full: not stored, retry once space returns), `unavailable` (outbox I/O
 //!   error or agent stopping).
 //!
 //! # Who may connect
@@ -187,6 +188,7 @@ fn outbox_error(id: Option<Value>, e: &OutboxError) -> Response {
         OutboxError::Full { .. } => "outbox_full",
         OutboxError::TooLarge { .. } => "too_large",
         OutboxError::Topic(_) => "bad_topic",
+        OutboxError::DiskFull => "disk_full",
         _ => "unavailable",
     };
     Response::err(id, code, e.to_string())
@@ -335,60 +337,78 @@ impl LocalApi {
     }
 
     fn dispatch(&self, line: &[u8]) -> Reply {
-        let req: RequestWire = match serde_json::from_slice(line) {
-            Ok(r) => r,
-            Err(e) => {
-                return Reply::Ready(Response::err(
-                    None,
-                    "bad_request",
-                    format!(
-                        "not a valid request ({}): send one JSON object per line, e.g. \
-                         {{\"op\":\"publish\",\"topic\":\"telemetry/temp\",\"payload\":\"<base64>\"}}",
-                        e.classify_name()
-                    ),
-                ))
-            }
-        };
-        let id = req.id;
-        match req.op.as_str() {
-            "publish" => {
-                let Some(topic) = req.topic else {
-                    return Reply::Ready(Response::err(id, "bad_request", "publish needs topic"));
-                };
-                let Some(b64) = req.payload else {
-                    return Reply::Ready(Response::err(
-                        id,
-                        "bad_request",
-                        "publish needs payload (base64)",
-                    ));
-                };
-                let payload = match base64::engine::general_purpose::STANDARD.decode(b64) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        return Reply::Ready(Response::err(
-                            id,
-                            "bad_request",
-                            "payload is not valid standard base64",
-                        ))
-                    }
-                };
+        match parse_request(line) {
+            Err(r) => Reply::Ready(*r),
+            Ok(Request::Publish { id, topic, payload }) => {
                 match self.outbox.submit(&topic, payload) {
                     Ok(wait) => Reply::Wait(id, wait),
                     Err(e) => Reply::Ready(outbox_error(id, &e)),
                 }
             }
-            "status" => Reply::Ready(Response {
+            Ok(Request::Status { id }) => Reply::Ready(Response {
                 ok: true,
                 id,
                 status: Some((self.status)()),
                 ..Response::default()
             }),
-            _ => Reply::Ready(Response::err(
-                id,
-                "bad_request",
-                "unknown op: use publish or status",
-            )),
         }
+    }
+}
+
+/// One application request, parsed (the outbox still checks the topic and the size).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Request {
+    /// `{"op":"publish","topic":...,"payload":"<base64>"}`
+    Publish {
+        /// The request's `id`, echoed.
+        id: Option<Value>,
+        /// Topic suffix.
+        topic: String,
+        /// Decoded payload.
+        payload: Vec<u8>,
+    },
+    /// `{"op":"status"}`
+    Status {
+        /// The request's `id`, echoed.
+        id: Option<Value>,
+    },
+}
+
+/// Parse one request line from an application (input from outside the agent: fuzzed by
+/// `fuzz/fuzz_targets/local_requests.rs`). A request that is not valid gives the error
+/// response to send back.
+pub fn parse_request(line: &[u8]) -> Result<Request, Box<Response>> {
+    let bad = |id: Option<Value>, why: String| Box::new(Response::err(id, "bad_request", why));
+    let req: RequestWire = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(bad(
+                None,
+                format!(
+                    "not a valid request ({}): send one JSON object per line, e.g. \
+                     {{\"op\":\"publish\",\"topic\":\"telemetry/temp\",\"payload\":\"<base64>\"}}",
+                    e.classify_name()
+                ),
+            ))
+        }
+    };
+    let id = req.id;
+    match req.op.as_str() {
+        "publish" => {
+            let Some(topic) = req.topic else {
+                return Err(bad(id, "publish needs topic".into()));
+            };
+            let Some(b64) = req.payload else {
+                return Err(bad(id, "publish needs payload (base64)".into()));
+            };
+            match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(payload) => Ok(Request::Publish { id, topic, payload }),
+                Err(_) => Err(bad(id, "payload is not valid standard base64".into())),
+            }
+        }
+        "status" => Ok(Request::Status { id }),
+        _ => Err(bad(id, "unknown op: use publish or status".into())),
     }
 }
 

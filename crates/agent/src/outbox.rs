@@ -186,6 +186,13 @@ pub enum OutboxError {
         #[source]
         source: io::Error,
     },
+    /// The device's disk is full: the message was not stored (nothing of its batch was), the
+    /// messages already queued are kept; the application may retry once space returns.
+    #[error(
+        "no space left on the device's disk: the message was not stored (the outbox keeps the \
+         messages it already accepted); free space under the state dir and retry"
+    )]
+    DiskFull,
     /// The outbox was closed (the agent is stopping).
     #[error("the outbox is closed: the agent is stopping")]
     Closed,
@@ -1245,14 +1252,21 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "outbox write failed; the messages were refused");
+                let full = matches!(&e, OutboxError::Io { source, .. }
+                    if source.kind() == io::ErrorKind::StorageFull
+                        || source.kind() == io::ErrorKind::QuotaExceeded);
+                tracing::error!(error = %e, disk_full = full, "outbox write failed; the messages were refused");
                 self.next_assign = first;
                 let msg = e.to_string();
                 for (reply, _) in accepted {
-                    let _ = reply.send(Err(OutboxError::Io {
-                        what: "write",
-                        path: msg.clone(),
-                        source: io::Error::other("see the agent log"),
+                    let _ = reply.send(Err(if full {
+                        OutboxError::DiskFull
+                    } else {
+                        OutboxError::Io {
+                            what: "write",
+                            path: msg.clone(),
+                            source: io::Error::other("see the agent log"),
+                        }
                     }));
                 }
             }

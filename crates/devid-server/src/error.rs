@@ -30,6 +30,10 @@ pub enum RunError {
     /// The attestation settings are unusable (e.g. an unreadable EK root).
     #[error("attestation.ek_roots: {0}")]
     Attestation(String),
+    /// The server stopped because its storage can no longer promise durability (a failed
+    /// fdatasync of the message log); a restart recovers from what is on disk.
+    #[error("stopped after a fatal storage error: {0}")]
+    Fatal(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}; is another server running there?")]
     Bind {

@@ -159,6 +159,22 @@ pub async fn serve_until(
     }
     tracing::info!(%addr, ca_pin = %p.http.ca.pin(), "devid-server listening (HTTPS)");
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    // A fatal storage error (failed fdatasync) stops the server like a signal, then makes
+    // `run` fail: nothing is acknowledged after it, and the exit status says so.
+    let fatal_rx = p.ingest.commits.fatal();
+    let fatal = Arc::new(std::sync::Mutex::new(None::<String>));
+    let shutdown = {
+        let fatal = fatal.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {},
+                why = fatal_storage(fatal_rx) => {
+                    tracing::error!(error = %why, "fatal storage error: shutting down; exiting non-zero");
+                    *devid_stdx::lock(&fatal) = Some(why);
+                },
+            }
+        }
+    };
     let up = p.mqtt_up.clone();
     up.store(true, Ordering::Release);
     let proxies = devid_stdx::proxy::Trusted::parse(&config.proxy_protocol.trusted)
@@ -187,7 +203,24 @@ pub async fn serve_until(
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ingest).await;
-    Ok(())
+    let why = devid_stdx::lock(&fatal).take();
+    match why {
+        Some(why) => Err(RunError::Fatal(why)),
+        None => Ok(()),
+    }
+}
+
+/// Completes with the reason once the message writer stopped for a fatal storage error; never
+/// when it stops normally.
+async fn fatal_storage(mut rx: tokio::sync::watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = rx.borrow_and_update().clone() {
+            return why;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 async fn shutdown_signal() {

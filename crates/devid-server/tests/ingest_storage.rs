@@ -247,6 +247,15 @@ fn below_the_free_disk_watermark_publishes_get_0x97_and_recover_without_restart(
         acked.len(),
         refused.len()
     );
+    devid_testkit::robust::Report::new("server_disk_watermark")
+        .text("threats", "T12b")
+        .num("acked", acked.len() as f64)
+        .num("acked_stored", acked.len() as f64)
+        .num("refused", refused.len() as f64)
+        .num("refused_stored", 0)
+        .num("duplicates", 0)
+        .num("recovered_ms", recovery.as_secs_f64() * 1000.0)
+        .emit();
 }
 
 /// Without a watermark a full disk makes the commit fail: those publishes are not
@@ -334,6 +343,15 @@ fn a_full_disk_fails_commits_and_the_writer_recovers_without_restart() {
         failed.len(),
         acked.len()
     );
+    devid_testkit::robust::Report::new("server_disk_full")
+        .text("threats", "T12b")
+        .num("acked", acked.len() as f64)
+        .num("acked_stored", acked.len() as f64)
+        .num("refused", failed.len() as f64)
+        .num("refused_stored", 0)
+        .num("duplicates", 0)
+        .num("recovered_ms", recovery.as_secs_f64() * 1000.0)
+        .emit();
 }
 
 /// A device past its quota gets 0x97 (3.1.1: closed) while another keeps publishing; the

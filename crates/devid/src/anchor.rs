@@ -93,6 +93,12 @@ impl DeviceConfig {
         })?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(path, text)
+    }
+
+    /// Check the text of the device configuration read from `path` (fuzzed by
+    /// `fuzz/fuzz_targets/device_config.rs`).
+    pub fn parse(path: &Path, text: String) -> Result<DeviceConfig> {
         let parsed: FileText = toml::from_str(&text).with_context(|| {
             format!(
                 "{} is not a valid devid device configuration (expected an [anchor] table with \

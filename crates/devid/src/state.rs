@@ -62,7 +62,13 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let state: StateFile = toml::from_str(&text)
+        Self::parse(&path, &text).map(Some)
+    }
+
+    /// Check the text of a state file read from `path` (fuzzed by
+    /// `fuzz/fuzz_targets/device_config.rs`).
+    pub fn parse(path: &Path, text: &str) -> Result<StateFile> {
+        let state: StateFile = toml::from_str(text)
             .with_context(|| format!("{} is not a valid devid state file", path.display()))?;
         if state.format != FORMAT {
             bail!(
@@ -71,7 +77,7 @@ impl StateFile {
                 state.format
             );
         }
-        Ok(Some(state))
+        Ok(state)
     }
 
     /// Read the state file or explain how to create one.

@@ -11,7 +11,7 @@ use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::metrics::Metrics;
 use super::storage::DiskGuard;
@@ -63,6 +63,7 @@ pub struct Pending {
 #[derive(Debug, Clone)]
 pub struct CommitQueue {
     tx: mpsc::Sender<Pending>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 /// The writer is gone (it only stops when the process does).
@@ -81,10 +82,21 @@ impl CommitQueue {
         queue: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue.max(1));
+        let (fatal_tx, fatal) = watch::channel(None);
         std::thread::Builder::new()
             .name("devid-commit".into())
-            .spawn(move || writer(rx, store, metrics, live, disk, batch_max.max(1)))?;
-        Ok(Self { tx })
+            .spawn(move || {
+                if let Some(why) = writer(rx, store, metrics, live, disk, batch_max.max(1)) {
+                    let _ = fatal_tx.send(Some(why));
+                }
+            })?;
+        Ok(Self { tx, fatal })
+    }
+
+    /// Becomes `Some(why)` when the writer stopped for good after a fatal storage error (a
+    /// failed fdatasync): the server must exit non-zero and be restarted.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.clone()
     }
 
     /// Queue one item, waiting while the queue is full (backpressure).
@@ -99,6 +111,8 @@ impl CommitQueue {
     }
 }
 
+/// The writer loop; returns the reason when it stopped for a fatal storage error (then it
+/// acknowledges nothing more: the queue is dropped with it).
 fn writer(
     mut rx: mpsc::Receiver<Pending>,
     store: Arc<dyn MessageStore>,
@@ -106,7 +120,8 @@ fn writer(
     live: broadcast::Sender<Arc<LiveMessage>>,
     disk: Option<Arc<DiskGuard>>,
     batch_max: usize,
-) {
+) -> Option<String> {
+    let mut fatal = None;
     let mut items: Vec<(mpsc::UnboundedSender<Ack>, Option<NonZeroU16>, Option<u8>)> =
         Vec::with_capacity(batch_max);
     let mut rows: Vec<NewMessage> = Vec::with_capacity(batch_max);
@@ -140,6 +155,12 @@ fn writer(
             Ok(_) => {
                 tracing::error!("message store returned a wrong number of results");
                 metrics.commit_failures.inc();
+                None
+            }
+            Err(e) if e.is_fatal() => {
+                tracing::error!(error = %e, messages = rows.len(), "group commit failed fatally (fdatasync): nothing of the batch is acknowledged, nothing more will be; the server is exiting so that a restart recovers from what is on disk");
+                metrics.commit_failures.inc();
+                fatal = Some(e.to_string());
                 None
             }
             Err(e) => {
@@ -185,6 +206,12 @@ fn writer(
         drop(row_iter);
         metrics.messages_stored.inc_by(stored);
         metrics.messages_duplicate.inc_by(dups);
+        if fatal.is_some() {
+            // Items still queued are dropped unanswered with `rx`.
+            tracing::error!("message writer stopped after a fatal storage error");
+            return fatal;
+        }
     }
     tracing::info!("message writer stopped");
+    None
 }

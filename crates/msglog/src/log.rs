@@ -37,9 +37,15 @@ pub struct Entry {
     pub len: u32,
 }
 
-/// Log failures. After a failed write or sync the writer cuts the segment back to the end of
-/// the last durable batch and syncs it before it appends again (the next append tries that
-/// repair first), so a full disk costs the batches that failed, never a restart.
+/// Log failures. After a failed write the writer cuts the segment back to the end of the last
+/// durable batch and syncs it before it appends again (the next append tries that repair
+/// first), so a full disk costs the batches that failed, never a restart.
+///
+/// A failed `fdatasync`/`fsync` is different ([`LogError::SyncFailed`], then
+/// [`LogError::Halted`]): the kernel may already have dropped the dirty pages and cleared the
+/// error, so a later sync that succeeds proves nothing about them (PostgreSQL's rule since
+/// "fsyncgate"). The writer accepts no more appends; the process must restart, and recovery
+/// reads what really is on disk. [`LogError::is_fatal`] tells the two apart.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// A file operation failed.
@@ -76,10 +82,36 @@ pub enum LogError {
     /// A message cannot be encoded.
     #[error("message log: {0}")]
     Encode(#[from] record::EncodeError),
-    /// An earlier write or sync failed and the segment could not be cut back to its durable
-    /// end yet (the next append tries again).
+    /// An earlier write failed and the segment could not be cut back to its durable end yet
+    /// (the next append tries again).
     #[error("message log: an earlier write failed and the log could not be repaired yet: {0}")]
     Poisoned(String),
+    /// `fdatasync`/`fsync` of a segment failed: what it covered may not be on disk, and no
+    /// later sync can tell. Fatal: the writer refuses every further append.
+    #[error("message log: fdatasync of {path} failed: {source}; data the kernel had not written may be lost and a retry cannot tell, so the log takes no more appends: restart the server (recovery keeps what is on disk)")]
+    SyncFailed {
+        /// Which segment.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An earlier `fdatasync` failed ([`LogError::SyncFailed`]); nothing is appended any more.
+    #[error("message log: stopped after a failed fdatasync; restart the server")]
+    Halted,
+}
+
+impl LogError {
+    /// A failed sync (now or before): the process must stop acknowledging and restart.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LogError::SyncFailed { .. } | LogError::Halted)
+    }
+}
+
+fn sync_failed(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::SyncFailed {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
@@ -253,6 +285,8 @@ pub struct LogWriter {
     next_seq: u64,
     buf: Vec<u8>,
     poisoned: bool,
+    /// A sync failed: no more appends (see [`LogError::SyncFailed`]).
+    halted: bool,
     /// The current segment was zero-filled ahead (false: it grows by appending).
     preallocated: bool,
     spare: Option<Arc<Spare>>,
@@ -384,6 +418,7 @@ impl LogWriter {
                 next_seq,
                 buf: Vec::with_capacity(1 << 20),
                 poisoned: false,
+                halted: false,
                 rotate_first,
                 preallocated: false,
                 spare,
@@ -404,6 +439,9 @@ impl LogWriter {
         records: impl IntoIterator<Item = RecordRef<'a>>,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
+        if self.halted {
+            return Err(LogError::Halted);
+        }
         if self.poisoned {
             self.repair()?;
         }
@@ -442,18 +480,23 @@ impl LogWriter {
             return Err(LogError::Encode(record::EncodeError::TooLong("batch")));
         }
         let path = segment_path(&self.dir, self.segment);
-        let r = self
+        if let Err(e) = self
             .file
             .write_all_at(&self.buf, u64::from(self.offset))
             .map_err(io("write", &path))
-            .and_then(|()| self.file.sync_data().map_err(io("sync", &path)));
-        if let Err(e) = r {
+        {
             out.truncate(first_out);
-            // What reached the disk past `offset` is unknown (and a failed fsync may have
-            // dropped dirty pages of this batch): cut it off and sync before the next append.
-            // Everything before `offset` was synced by earlier batches.
+            // What reached the disk past `offset` is unknown: cut it off and sync before the
+            // next append. Everything before `offset` was synced by earlier batches.
             self.poisoned = true;
             let _ = self.repair();
+            return Err(e);
+        }
+        if let Err(e) = self.file.sync_data().map_err(sync_failed(&path)) {
+            out.truncate(first_out);
+            // Never retried, never repaired: see LogError::SyncFailed.
+            self.halted = true;
+            tracing::error!(segment = %path.display(), "message log: fdatasync failed; the log takes no more appends");
             return Err(e);
         }
         for e in &mut out[first_out..] {
@@ -468,26 +511,21 @@ impl LogWriter {
     /// then may appends continue.
     fn repair(&mut self) -> Result<(), LogError> {
         let path = segment_path(&self.dir, self.segment);
-        let r = self
-            .file
-            .set_len(u64::from(self.offset))
-            .map_err(io("truncate", &path))
-            .and_then(|()| self.file.sync_all().map_err(io("sync", &path)));
-        match r {
-            Ok(()) => {
-                if self.poisoned {
-                    tracing::info!(segment = %path.display(), "message log repaired after a failed write; appending again");
-                }
-                self.poisoned = false;
-                // the file now ends at `offset`: appends grow it
-                self.preallocated = false;
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = true;
-                Err(LogError::Poisoned(e.to_string()))
-            }
+        if let Err(e) = self.file.set_len(u64::from(self.offset)) {
+            self.poisoned = true;
+            return Err(LogError::Poisoned(e.to_string()));
         }
+        if let Err(e) = self.file.sync_all().map_err(sync_failed(&path)) {
+            self.halted = true;
+            return Err(e);
+        }
+        if self.poisoned {
+            tracing::info!(segment = %path.display(), "message log repaired after a failed write; appending again");
+        }
+        self.poisoned = false;
+        // the file now ends at `offset`: appends grow it
+        self.preallocated = false;
+        Ok(())
     }
 
     /// The segment appends go to now.

@@ -94,7 +94,8 @@ pub struct ServerConfig {
     /// Time allowed for one request, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
-    /// Most TLS connections served at once.
+    /// Most TLS connections served at once (handshakes included). Default 10,000, like
+    /// `mqtt.max_connections`: a connection flood must not take every slot cheaply.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// The MQTT URL enrolment hands devices when they reach the server through a load
@@ -249,7 +250,10 @@ fn default_request_timeout() -> u64 {
     30
 }
 fn default_max_connections() -> usize {
-    1024
+    // As many as the MQTT listener: 1,024 let about 1,100 idle TCP connections from anyone
+    // (never starting TLS, each held for the 10 s handshake timeout) fill every slot and the
+    // listen backlog, so no device could enrol or renew (issue 15, ingest_floods.rs).
+    10_000
 }
 
 /// Where the database lives.

@@ -126,9 +126,18 @@ fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 }
 
 fn log_err(operation: &'static str) -> impl Fn(devid_msglog::LogError) -> StoreError {
-    move |e| StoreError::Db {
-        operation,
-        detail: e.to_string(),
+    move |e| {
+        if e.is_fatal() {
+            StoreError::Fatal {
+                operation,
+                detail: e.to_string(),
+            }
+        } else {
+            StoreError::Db {
+                operation,
+                detail: e.to_string(),
+            }
+        }
     }
 }
 

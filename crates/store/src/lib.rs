@@ -63,6 +63,22 @@ pub enum StoreError {
     /// Signing the certificate inside the transaction failed; nothing was stored.
     #[error(transparent)]
     Issue(#[from] IssueError),
+    /// The store can no longer promise durability (a failed `fdatasync` of the message log):
+    /// the process must stop acknowledging and restart; recovery reads what is on disk.
+    #[error("storage {operation} failed fatally: {detail}")]
+    Fatal {
+        /// What was being done.
+        operation: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Must the process stop (see [`StoreError::Fatal`])?
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::Fatal { .. })
+    }
 }
 
 /// The CA could not issue a certificate inside a registry transaction (its words, never a

@@ -25,6 +25,7 @@ pub mod browser;
 pub mod haproxy;
 pub mod postgres;
 pub mod proxy;
+pub mod robust;
 pub mod server;
 pub mod softhsm;
 pub mod swtpm;

@@ -56,6 +56,16 @@ impl Server {
         Self::start_in(Some(data_dir.to_path_buf()), &[], &[], extra_toml)
     }
 
+    /// `init` with `extra_init`, `extra_toml` appended to the config, and `run`, both with the
+    /// extra environment `env` (e.g. an `LD_PRELOAD` fault shim).
+    pub fn start_env_config(
+        extra_init: &[&str],
+        env: &[(String, std::ffi::OsString)],
+        extra_toml: &str,
+    ) -> Self {
+        Self::start_full(extra_init, env, extra_toml)
+    }
+
     fn start_full(
         extra_init: &[&str],
         env: &[(String, std::ffi::OsString)],
@@ -188,21 +198,29 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The environment later [`Server::restart`]s run with (e.g. without a fault shim).
+    pub fn set_run_env(&mut self, env: &[(String, std::ffi::OsString)]) {
+        self.run_env = env.to_vec();
+    }
+
+    /// Wait up to `timeout` for the server process to exit by itself; its status, or None
+    /// while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The server's process id (to send it a signal, e.g. SIGTERM).
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// Wait up to `timeout` for the server to exit (after a signal); whether it did.
-    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
-        let start = std::time::Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
     }
 
     /// `run` again on the same data dir and ports (after `kill9`), log appended.

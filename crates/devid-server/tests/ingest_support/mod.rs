@@ -3,9 +3,12 @@
 //! client invocations, and API reads.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use devid_enroll::{build_csr_with_keystore, enroll};
@@ -17,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -428,4 +432,135 @@ pub fn mosquitto_pub(s: &Server, dev: &Device, version: &str, extra: &[&str]) ->
     ];
     args.extend_from_slice(extra);
     tool("mosquitto_pub", &args)
+}
+
+/// What a pipelined publisher saw.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub sent: usize,
+    /// msg-ids whose PUBACK (success) arrived.
+    pub acked: Vec<String>,
+    pub elapsed: Duration,
+    pub ack_latencies: Vec<Duration>,
+    /// PUBACKs with a failure reason code.
+    pub refused: usize,
+}
+
+/// Publish `total` QoS 1 messages (64-byte payloads, msg-id `<prefix>-<n>`) with `window` in
+/// flight, until done or the connection breaks. `progress` counts acks as they arrive.
+#[allow(clippy::too_many_arguments)]
+pub async fn pipelined(
+    port: u16,
+    ca: std::path::PathBuf,
+    dev: Device,
+    total: usize,
+    progress: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    prefix: &str,
+    window_size: usize,
+) -> Run {
+    let prefix = prefix.to_owned();
+    let Ok(stream) = tls_connect(port, tls_config(&ca, Some(&dev))).await else {
+        return Run::default();
+    };
+    let mut c = Client::new(stream, Protocol::V5);
+    if c.send(connect_packet(Protocol::V5, &dev.id, 60))
+        .await
+        .is_err()
+    {
+        return Run::default();
+    }
+    match c.recv(Duration::from_secs(5)).await {
+        Ok(Some(Packet::ConnAck { code: 0, .. })) => {}
+        _ => return Run::default(),
+    }
+    let (mut rd, mut wr) = tokio::io::split(c.stream);
+    let window = Arc::new(Semaphore::new(window_size));
+    // packet id -> (msg-id, sent at)
+    let pending: Arc<Mutex<HashMap<u16, (String, Instant)>>> = Arc::default();
+    let topic = dev.topic("telemetry/load");
+    let payload = [b'x'; 64];
+    let start = Instant::now();
+    let writer = {
+        let window = window.clone();
+        let pending = pending.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut codec = Codec::client(Protocol::V5, 1 << 20);
+            let mut out = BytesMut::with_capacity(64 * 1024);
+            let mut sent = 0usize;
+            let mut pid: u16 = 0;
+            while sent < total && !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = window.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                pid = pid.wrapping_add(1).max(1);
+                let msg_id = format!("{prefix}-{sent}");
+                pending
+                    .lock()
+                    .unwrap()
+                    .insert(pid, (msg_id.clone(), Instant::now()));
+                codec
+                    .encode(publish(&topic, 1, pid, &payload, Some(&msg_id)), &mut out)
+                    .unwrap();
+                sent += 1;
+                // batch writes while permits are there (pipelining)
+                if window.available_permits() == 0 || sent == total {
+                    if wr.write_all(&out).await.is_err() {
+                        break;
+                    }
+                    out.clear();
+                }
+            }
+            if !out.is_empty() {
+                let _ = wr.write_all(&out).await;
+            }
+            let _ = wr.flush().await;
+            (sent, wr)
+        })
+    };
+    let mut run = Run::default();
+    let mut codec = Codec::client(Protocol::V5, 1 << 20);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    'read: while run.acked.len() < total {
+        match tokio::time::timeout(Duration::from_secs(10), rd.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(Packet::PubAck { packet_id, reason })) => {
+                    let Some((msg_id, at)) = pending.lock().unwrap().remove(&packet_id.get())
+                    else {
+                        panic!("ack for a packet id not in flight");
+                    };
+                    if reason != 0 {
+                        // a refusal: not an acknowledgement of storage
+                        window.add_permits(1);
+                        run.refused += 1;
+                        continue;
+                    }
+                    run.ack_latencies.push(at.elapsed());
+                    run.acked.push(msg_id);
+                    progress.fetch_add(1, Ordering::Relaxed);
+                    window.add_permits(1);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => break 'read,
+            }
+        }
+        // told to stop and nothing in flight any more: done
+        if stop.load(Ordering::Relaxed) && pending.lock().unwrap().is_empty() {
+            break;
+        }
+    }
+    run.elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    window.close();
+    if let Ok(Ok((sent, _wr))) = tokio::time::timeout(Duration::from_secs(5), writer).await {
+        run.sent = sent;
+    }
+    run
 }
