@@ -263,11 +263,13 @@ pub(crate) fn enroll_detail(
     cert: &IssuedCert,
     policy: &str,
     key_fingerprint: &str,
+    attestation: Option<&Attestation>,
     re_enrolment: bool,
 ) -> String {
     format!(
-        "serial={} policy={policy} key={key_fingerprint}{}",
+        "serial={} policy={policy} key={key_fingerprint}{}{}",
         cert.serial_hex,
+        assurance_detail(attestation),
         if re_enrolment { " re-enrolment" } else { "" }
     )
 }

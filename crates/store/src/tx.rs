@@ -205,8 +205,13 @@ pub fn enroll<X: RegistryTx>(
     if let Some(att) = a.attestation {
         tx.write_attestation(&id, att, now)?;
     }
-    let mut detail = rules::enroll_detail(&cert, &policy, a.key_fingerprint, existing.is_some());
-    detail.push_str(&rules::assurance_detail(a.attestation));
+    let detail = rules::enroll_detail(
+        &cert,
+        &policy,
+        a.key_fingerprint,
+        a.attestation,
+        existing.is_some(),
+    );
     tx.insert_audit(&NewAudit {
         ctx: a.ctx,
         device_id: Some(id.as_str()),

@@ -89,7 +89,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(clock_hint)
     }
 
     fn verify_tls12_signature(
@@ -263,4 +265,31 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     Ok((config, mismatch))
+}
+/// A server certificate outside its validity at this device's clock says so plainly: on a
+/// board without an RTC (or before NTP) that is the device's clock, not the server.
+fn clock_hint(e: rustls::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    let detail = match &e {
+        rustls::Error::InvalidCertificate(C::ExpiredContext { time, not_after }) => format!(
+            "expired: this device's clock says {} (UNIX seconds), the certificate ends at {}",
+            time.as_secs(),
+            not_after.as_secs()
+        ),
+        rustls::Error::InvalidCertificate(C::NotValidYetContext { time, not_before }) => format!(
+            "not valid yet: this device's clock says {} (UNIX seconds), the certificate starts \
+             at {}",
+            time.as_secs(),
+            not_before.as_secs()
+        ),
+        rustls::Error::InvalidCertificate(C::Expired) => "expired at this device's time".into(),
+        rustls::Error::InvalidCertificate(C::NotValidYet) => {
+            "not valid yet at this device's time".into()
+        }
+        _ => return e,
+    };
+    rustls::Error::General(format!(
+        "the server's certificate is {detail}; check this device's clock (a board without a \
+         real-time clock, or NTP not synced yet), set it and retry"
+    ))
 }
