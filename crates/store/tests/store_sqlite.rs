@@ -74,6 +74,10 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
     assert_eq!((rec.cert_serial.as_str(), rec.predecessor), ("abcd", None));
     // schema 4: nothing reported for a device enrolled before devices reported a backend
     assert_eq!(rec.reported_backend, None);
+    // schema 5: a device enrolled before attestation has none registered
+    use devid_store::Registry;
+    assert_eq!(store.attestation(&id).unwrap(), None);
+    assert!(store.attestations().unwrap().is_empty());
     // existing installs keep working: the old admin token is now the credential `admin`
     let admin = store.admin_credential("h-old").unwrap().unwrap();
     assert_eq!(
@@ -89,7 +93,7 @@ fn a_database_of_schema_version_1_opens_and_is_migrated_in_place() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(v, "4");
+    assert_eq!(v, "5");
     // and opening again changes nothing
     drop(raw);
     SqliteStore::open(&path).unwrap();
