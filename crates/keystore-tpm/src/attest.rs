@@ -122,25 +122,73 @@ impl TpmKeystore {
             Err(e) => return Err(KeystoreError::io(&path, e)),
         }
         inner.flush_device_key();
+        let (file, _) =
+            self.create_key_file(inner, ak_template()?, &path, "create attestation key")?;
+        tracing::info!(path = %path.display(), "created the TPM attestation key");
+        Ok(file)
+    }
+
+    /// Create a key under the SRK (in the salted session) and write its TSS2 key file to
+    /// `path`; returns the file and the public area.
+    pub(crate) fn create_key_file(
+        &self,
+        inner: &mut Inner,
+        template: Public,
+        path: &std::path::Path,
+        what: &'static str,
+    ) -> Result<(TpmKeyFile, Public), KeystoreError> {
         let srk = inner.srk;
         let session = inner.session;
         let created = inner.ctx.execute_with_session(Some(session), |ctx| {
-            ctx.create(srk, ak_template()?, None, None, None, None)
-                .map_err(tss("create attestation key"))
+            ctx.create(srk, template, None, None, None, None)
+                .map_err(tss(what))
         })?;
         let public = created
             .out_public
             .marshall()
-            .map_err(tss("marshal AK public area"))?;
+            .map_err(tss("marshal key public area"))?;
         let file = TpmKeyFile {
             parent: self.config.srk_handle.unwrap_or(PARENT_OWNER),
             public: make_tpm2b(&public)?,
             private: make_tpm2b(created.out_private.value())?,
         };
-        devid_keystore::fsutil::write_atomic_private(&path, file.to_pem()?.as_bytes())
-            .map_err(|e| KeystoreError::io(&path, e))?;
-        tracing::info!(path = %path.display(), "created the TPM attestation key");
-        Ok(file)
+        devid_keystore::fsutil::write_atomic_private(path, file.to_pem()?.as_bytes())
+            .map_err(|e| KeystoreError::io(path, e))?;
+        Ok((file, created.out_public))
+    }
+
+    /// TPM2_Certify of the loaded `key` (whose TPM2B_PUBLIC is `key_public`) by the AK, which
+    /// is loaded and flushed here (callers read [`TpmKeystore::ak_file`] before loading `key`:
+    /// making the AK flushes the device key). The object's ADMIN role: devid keys have adminWithPolicy
+    /// clear, so their (empty) auth value in the salted session works, with or without a PCR
+    /// policy for USER.
+    pub(crate) fn certify_loaded(
+        &self,
+        inner: &mut Inner,
+        key: KeyHandle,
+        key_public: &[u8],
+        data: Data,
+        what: &'static str,
+    ) -> Result<KeyCertification, KeystoreError> {
+        let ak_file = self.ak_file(inner)?;
+        let ak = self.load_ak(inner, &ak_file)?;
+        let session = inner.session;
+        let out = inner
+            .ctx
+            .execute_with_sessions((Some(session), Some(AuthSession::Password), None), |ctx| {
+                ctx.certify(ObjectHandle::from(key), ak, data, SignatureScheme::Null)
+            })
+            .map_err(tss(what));
+        inner.flush(ak);
+        let (attest, signature) = out?;
+        let (key_public, _) = take_tpm2b(key_public)?;
+        Ok(KeyCertification {
+            key_public: key_public.to_vec(),
+            certify_info: attest.marshall().map_err(tss("marshal TPMS_ATTEST"))?,
+            signature: signature
+                .marshall()
+                .map_err(tss("marshal TPMT_SIGNATURE"))?,
+        })
     }
 
     pub(crate) fn load_ak(
@@ -375,27 +423,10 @@ impl KeyAttestation for TpmKeystore {
     fn certify_key(&self, qualifying_data: &[u8]) -> Result<KeyCertification, KeystoreError> {
         let data = Data::try_from(qualifying_data.to_vec()).map_err(tss("qualifying data"))?;
         let mut inner = self.lock()?;
-        let file = self.ak_file(&mut inner)?;
+        // the AK first: making it flushes the device key
+        self.ak_file(&mut inner)?;
         let key = inner.device_key()?;
-        let ak = self.load_ak(&mut inner, &file)?;
-        let session = inner.session;
-        // The object's ADMIN role: the device key has adminWithPolicy clear, so its (empty)
-        // auth value in the salted session works, with or without a PCR policy for USER.
-        let out = inner
-            .ctx
-            .execute_with_sessions((Some(session), Some(AuthSession::Password), None), |ctx| {
-                ctx.certify(ObjectHandle::from(key), ak, data, SignatureScheme::Null)
-            })
-            .map_err(tss("certify the device key"));
-        inner.flush(ak);
-        let (attest, signature) = out?;
-        let (key_public, _) = take_tpm2b(&inner.key_file.public)?;
-        Ok(KeyCertification {
-            key_public: key_public.to_vec(),
-            certify_info: attest.marshall().map_err(tss("marshal TPMS_ATTEST"))?,
-            signature: signature
-                .marshall()
-                .map_err(tss("marshal TPMT_SIGNATURE"))?,
-        })
+        let key_public = inner.key_file.public.clone();
+        self.certify_loaded(&mut inner, key, &key_public, data, "certify the device key")
     }
 }

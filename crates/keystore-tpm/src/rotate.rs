@@ -14,12 +14,11 @@
 use std::path::{Path, PathBuf};
 
 use devid_keystore::{KeyCertification, KeyRotation, KeystoreError, PublicKey, Signature};
-use tss_esapi::handles::{KeyHandle, ObjectHandle};
-use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Data, Private, Public, SignatureScheme};
-use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::handles::KeyHandle;
+use tss_esapi::structures::{Data, Private, Public};
+use tss_esapi::traits::UnMarshall;
 
-use crate::keyfile::{make_tpm2b, take_tpm2b, TpmKeyFile, PARENT_OWNER};
+use crate::keyfile::{take_tpm2b, TpmKeyFile};
 use crate::{device_key_template, ecc_public_key, load_error, tss, Inner, TpmKeystore};
 
 /// A key made for a rotation, not yet the device key.
@@ -92,25 +91,14 @@ impl KeyRotation for TpmKeystore {
         } else {
             Some(Self::policy_digest(&mut inner.ctx, &pcrs)?)
         };
-        let srk = inner.srk;
-        let session = inner.session;
-        let created = inner.ctx.execute_with_session(Some(session), |ctx| {
-            ctx.create(srk, device_key_template(policy)?, None, None, None, None)
-                .map_err(tss("create next device key"))
-        })?;
-        let public_bytes = created
-            .out_public
-            .marshall()
-            .map_err(tss("marshal key public area"))?;
-        let file = TpmKeyFile {
-            parent: self.config.srk_handle.unwrap_or(PARENT_OWNER),
-            public: make_tpm2b(&public_bytes)?,
-            private: make_tpm2b(created.out_private.value())?,
-        };
-        let public = ecc_public_key(&created.out_public)?;
         let path = next_path(&self.key_path);
-        devid_keystore::fsutil::write_atomic_private(&path, file.to_pem()?.as_bytes())
-            .map_err(|e| KeystoreError::io(&path, e))?;
+        let (file, created) = self.create_key_file(
+            &mut inner,
+            device_key_template(policy)?,
+            &path,
+            "create next device key",
+        )?;
+        let public = ecc_public_key(&created)?;
         inner.next = Some(NextKey { file, public });
         tracing::info!("created the next device key in the TPM (rotation pending)");
         Ok(public)
@@ -131,37 +119,22 @@ impl KeyRotation for TpmKeystore {
     fn certify_next_key(&self, qualifying_data: &[u8]) -> Result<KeyCertification, KeystoreError> {
         let data = Data::try_from(qualifying_data.to_vec()).map_err(tss("qualifying data"))?;
         let mut inner = self.lock()?;
-        let ak_file = self.ak_file(&mut inner)?;
+        // the AK first (making it flushes the device key; the next key is loaded after)
+        self.ak_file(&mut inner)?;
         let key = self.load_next(&mut inner)?;
-        let ak = match self.load_ak(&mut inner, &ak_file) {
-            Ok(ak) => ak,
-            Err(e) => {
-                inner.flush(key);
-                return Err(e);
-            }
+        let key_public = match &inner.next {
+            Some(n) => n.file.public.clone(),
+            None => return Err(KeystoreError::Config("the next key vanished".into())),
         };
-        let session = inner.session;
-        let out = inner
-            .ctx
-            .execute_with_sessions((Some(session), Some(AuthSession::Password), None), |ctx| {
-                ctx.certify(ObjectHandle::from(key), ak, data, SignatureScheme::Null)
-            })
-            .map_err(tss("certify the next device key"));
-        inner.flush(ak);
+        let r = self.certify_loaded(
+            &mut inner,
+            key,
+            &key_public,
+            data,
+            "certify the next device key",
+        );
         inner.flush(key);
-        let (attest, signature) = out?;
-        let next = inner
-            .next
-            .as_ref()
-            .ok_or_else(|| KeystoreError::Config("the next key vanished".into()))?;
-        let (key_public, _) = take_tpm2b(&next.file.public)?;
-        Ok(KeyCertification {
-            key_public: key_public.to_vec(),
-            certify_info: attest.marshall().map_err(tss("marshal TPMS_ATTEST"))?,
-            signature: signature
-                .marshall()
-                .map_err(tss("marshal TPMT_SIGNATURE"))?,
-        })
+        r
     }
 
     fn commit_next_key(&self) -> Result<(), KeystoreError> {
